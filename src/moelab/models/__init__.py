@@ -1,0 +1,1 @@
+"""Plain nn.Module backbones with MoE feed-forward layers."""

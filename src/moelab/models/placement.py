@@ -1,0 +1,30 @@
+"""Which blocks of a model get a MoE feed-forward layer."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from moelab.moe.errors import ConfigError
+
+
+def moe_layer_indices(depth: int, moe_every: int = 2, moe_layers: Sequence[int] | None = None) -> list[int]:
+    """Block indices that hold a MoE layer.
+
+    `moe_layers` (explicit, negative indices count from the end) wins over `moe_every`.
+    `moe_every=n` puts a MoE layer in every n-th block, ending at the last block
+    (n=2: blocks 1, 3, 5, … as in GShard and Switch); `moe_every=0` makes a dense model.
+    """
+    if moe_layers is not None:
+        indices = []
+        for i in moe_layers:
+            if not -depth <= i < depth:
+                raise ConfigError(
+                    f"model.moe_layers has {i}, outside a model of depth {depth}: use indices in [0, {depth - 1}]"
+                )
+            indices.append(i % depth)
+        return sorted(set(indices))
+    if moe_every < 0:
+        raise ConfigError(f"model.moe_every={moe_every} must be >= 0 (0 = dense model)")
+    if moe_every == 0:
+        return []
+    return [i for i in range(depth) if (i + 1) % moe_every == 0]

@@ -1,0 +1,1 @@
+"""LightningModules: a model, its loss, its metrics and its optimiser."""

@@ -1,0 +1,68 @@
+"""Image classification with a MoE backbone: cross-entropy plus the layers' auxiliary losses."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from moelab.moe.layer import collect_aux_losses
+from moelab.tasks.optim import adamw_param_groups, warmup_cosine
+
+
+class ImageClassification(L.LightningModule):
+    """Logs `train/loss`, `train/ce`, `train/aux/<name>` (mean over MoE layers, unweighted),
+    `train/acc`, `val/loss`, `val/acc`, `test/loss`, `test/acc`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        lr: float = 3e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        ce = F.cross_entropy(logits, labels)
+        aux_total, aux_by_name = collect_aux_losses(self.model)
+        loss = ce if aux_total is None else ce + aux_total
+        self.train_acc(logits, labels)
+        self.log_dict({"train/loss": loss, "train/ce": ce, "train/acc": self.train_acc}, prog_bar=True)
+        self.log_dict({f"train/aux/{name}": value for name, value in aux_by_name.items()})
+        return loss
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
+        images, labels = batch
+        logits = self(images)
+        accuracy(logits, labels)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/acc", accuracy, prog_bar=True)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val", self.val_acc)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_acc)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(adamw_param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = warmup_cosine(optimizer, min(hp.warmup_steps, total_steps), total_steps, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,15 @@
+"""Train a MoE model: `python train.py [group=option ...] [key=value ...]` (Hydra)."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from moelab.train import run  # imported here so `--help` and tab completion stay fast
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
