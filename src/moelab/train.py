@@ -46,14 +46,17 @@ def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Instantiate data, model, task and trainer; config mistakes surface as ConfigError."""
-    datamodule = instantiate(cfg.data)
+    # `_convert_="all"`: plain lists and dicts reach the code (and checkpoints' hparams,
+    # which Lightning reloads with weights_only=True), never OmegaConf containers.
+    datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(
         cfg.model,
         router=cfg.router,
         expert=cfg.expert,
         aux_loss_weights=OmegaConf.to_container(cfg.loss, resolve=True) if cfg.loss else {},
+        _convert_="all",
     )
-    task = instantiate(cfg.task, model=model)
+    task = instantiate(cfg.task, model=model, _convert_="all")
     trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False)
     return datamodule, task, trainer
 

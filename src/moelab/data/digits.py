@@ -32,6 +32,7 @@ class DigitsDataModule(L.LightningDataModule):
             raise ValueError("data.val_fraction and data.test_fraction must be > 0 and sum to < 1")
         self.save_hyperparameters()
         self.splits: dict[str, TensorDataset] = {}
+        self.indices: dict[str, torch.Tensor] = {}  # rows of load_digits() in each split
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -43,7 +44,7 @@ class DigitsDataModule(L.LightningDataModule):
         n_val = round(len(labels) * self.hparams.val_fraction)
         n_test = round(len(labels) * self.hparams.test_fraction)
         n_train = len(labels) - n_val - n_test
-        index = {
+        self.indices = index = {
             "train": order[:n_train],
             "val": order[n_train : n_train + n_val],
             "test": order[n_train + n_val :],

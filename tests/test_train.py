@@ -1,0 +1,131 @@
+"""End to end: `train.py` and `moelab.train.run` on the bundled digits, a few steps each."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from moelab.callbacks.expert_load import tokens_per_expert_tag
+from moelab.train import run
+
+from .conftest import ROOT, compose_config
+
+FAST = ("trainer=debug", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
+
+
+def train_cli(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )
+
+
+def test_cli_run_writes_metrics_config_checkpoint_and_histograms(tmp_path):
+    run_dir = tmp_path / "run"
+    result = train_cli(run_dir, *FAST, "callbacks.expert_load.every_n_steps=1", "data.batch_size=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for name in ("val/acc", "val/loss", "test/acc", "train/loss", "train/aux/balance", "train/aux/zloss"):
+        assert isinstance(metrics[name], float), name
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    assert (run_dir / ".hydra" / "config.yaml").read_text().count("experts: 8") == 1
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    tags = events.Tags()["histograms"]
+    assert tags == [tokens_per_expert_tag(1), tokens_per_expert_tag(3)] or sorted(tags) == sorted(
+        [tokens_per_expert_tag(1), tokens_per_expert_tag(3)]
+    )
+    # Dropless top-2: the experts' counts add up to tokens × k for every logged step.
+    tokens = 16 * 16  # batch × patches
+    for tag in tags:
+        steps = events.Histograms(tag)
+        assert len(steps) == 3
+        for event in steps:
+            assert len(event.histogram_value.bucket) == 8
+            assert sum(event.histogram_value.bucket) == tokens * 2
+
+
+def test_bad_config_is_one_line_without_traceback(tmp_path):
+    result = train_cli(tmp_path / "run", *FAST, "router.k=9")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "moelab: error: router.k=9 must be between 1 and experts=8: lower router.k or raise experts"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("experts=0", "experts=0: a MoE layer needs at least 1 expert"),
+        ("router.capacity_factor=0", "router.capacity_factor=0 must be > 0"),
+        ("model.moe_layers=[1,7]", "model.moe_layers has 7, outside a model of depth 4"),
+        ("router=switch router.normalize=true", "set router.normalize=false"),
+    ],
+)
+def test_bad_config_messages(tmp_path, override, message):
+    cfg = compose_config(tmp_path, *FAST, *override.split())
+    with pytest.raises(SystemExit) as info:
+        run(cfg)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unknown_group_option_lists_the_options(tmp_path):
+    with pytest.raises(MissingConfigException, match="topk"):
+        compose_config(tmp_path, "router=nonexistent")
+
+
+def test_ddp8_composes_and_stops_cleanly_without_gpus(tmp_path):
+    cfg = compose_config(tmp_path, "trainer=ddp8")
+    assert cfg.trainer.devices == 8 and cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu"
+    if torch.cuda.device_count() >= 8:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(SystemExit) as info:
+        run(cfg)
+    assert str(info.value).startswith("moelab: error:") and "\n" not in str(info.value)
+
+
+def test_experts_override_reaches_every_moe_layer(tmp_path):
+    cfg = compose_config(tmp_path, "experts=16", "model.moe_every=1")
+    assert cfg.router.num_experts == 16 and cfg.expert.num_experts == 16
+
+
+def test_switch_swiglu_16_experts_trains_and_returns_metric(tmp_path):
+    cfg = compose_config(tmp_path, *FAST, "router=switch", "expert=swiglu", "experts=16", "loss=balance_zloss")
+    value = run(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert value == metrics["val/acc"]
+    assert all(v == v for v in metrics.values()), "no NaN"
+    assert 0.5 < metrics["train/aux/balance"] < 16
+
+
+def test_seeded_runs_are_identical_on_cpu(tmp_path):
+    results = []
+    for name in ("a", "b"):
+        cfg = compose_config(tmp_path / name, *FAST, "trainer.limit_val_batches=2")
+        run(cfg)
+        results.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert results[0] == results[1]
+
+
+def test_resume_from_checkpoint_continues_training(tmp_path):
+    first = compose_config(tmp_path / "first", *FAST, "trainer.max_epochs=1")
+    run(first)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 3
+
+    second = compose_config(tmp_path / "second", *FAST, "trainer.max_epochs=2", f"ckpt_path={last}")
+    run(second)
+    resumed = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 6 and resumed["epoch"] == 1
