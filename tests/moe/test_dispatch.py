@@ -107,6 +107,14 @@ def test_capacity_drops_exactly_the_overflow(k, factor):
     assert torch.all(y[fully_dropped] == 0)
     expected_drop = 1 - plan.tokens_per_expert_E.sum().item() / (T * k)
     assert plan.stats()["dropped_fraction"].item() == pytest.approx(expected_drop)
+    assert plan.stats()["unrouted_fraction"].item() == pytest.approx(fully_dropped.float().mean().item())
+    # The per-token expert shares count exactly the kept (token, expert) pairs.
+    share = plan.expert_share_TE()
+    for t in range(T):
+        for j in range(k):
+            assert share[t, plan.selected_experts_TK[t, j]] >= int(keep[t, j])
+    assert torch.equal(share.sum(1), keep.sum(1).float())
+    assert torch.equal(share.sum(0), plan.tokens_per_expert_E.float())
 
 
 def test_capacity_prefers_first_choices_over_second_choices():

@@ -5,7 +5,7 @@ from moelab.moe.experts import GroupedExperts
 from moelab.moe.layer import MoELayer, collect_aux_losses, moe_layers
 from moelab.moe.losses import AUX_LOSSES, balance_loss, z_loss
 from moelab.moe.routers import TopKRouter
-from moelab.moe.routing import Routing
+from moelab.moe.routing import Routing, RoutingContext
 
 __all__ = [
     "AUX_LOSSES",
@@ -13,6 +13,7 @@ __all__ = [
     "GroupedExperts",
     "MoELayer",
     "Routing",
+    "RoutingContext",
     "TopKRouter",
     "balance_loss",
     "collect_aux_losses",

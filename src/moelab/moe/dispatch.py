@@ -80,6 +80,7 @@ def token_choice_routing(
         router_probs_TE=router_probs_TE,
         selected_experts_TK=selected_experts_TK,
         kept_TK=kept_A.reshape(top_k, num_tokens).t(),
+        valid_N=torch.arange(spare, device=expert_A.device) % capacity < demand_E.repeat_interleave(capacity),
     )
 
 

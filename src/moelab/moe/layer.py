@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from moelab.moe.errors import ConfigError
 from moelab.moe.losses import AUX_LOSSES
-from moelab.moe.routing import Routing
+from moelab.moe.routing import Routing, RoutingContext
 
 
 class MoELayer(nn.Module):
@@ -54,9 +54,15 @@ class MoELayer(nn.Module):
     def num_experts(self) -> int:
         return self.router.num_experts
 
-    def forward(self, x: Tensor) -> Tensor:
+    @property
+    def causal_safe(self) -> bool:
+        """Whether each token's output depends on that token alone (safe in a causal LM)."""
+        return bool(getattr(self.router, "causal_safe", False))
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        """x: (B, L, D) or (T, D); token_ids: (B, L) ids for routers that hash them."""
         x_TD = x.reshape(-1, x.shape[-1])
-        plan = self.router(x_TD)
+        plan = self.router(x_TD, RoutingContext.for_input(x, token_ids))
         x_ND, group_sizes_E = plan.dispatch(x_TD)
         y_ND = self.experts(x_ND, group_sizes_E)
         y_TD = plan.combine(y_ND)

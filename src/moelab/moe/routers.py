@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from moelab.moe.dispatch import expert_capacity, token_choice_routing
 from moelab.moe.errors import ConfigError, check_num_experts
-from moelab.moe.routing import Routing
+from moelab.moe.routing import Routing, RoutingContext
 
 
 class TopKRouter(nn.Module):
@@ -53,7 +53,14 @@ class TopKRouter(nn.Module):
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=d_model**-0.5)
 
-    def forward(self, x_TD: Tensor) -> Routing:
+    @property
+    def causal_safe(self) -> bool:
+        """Whether a token's routing depends only on that token. Capacity breaks this:
+        whether a token keeps its expert depends on the other tokens of the batch,
+        later positions included."""
+        return self.capacity_factor is None and self.eval_capacity_factor is None
+
+    def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
         # Router math in fp32 whatever the compute dtype (ST-MoE, Zoph et al. 2022, sec. 3.3).
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.gate.weight.float())

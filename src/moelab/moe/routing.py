@@ -3,7 +3,7 @@
 A plan says which rows of a grouped-by-expert buffer come from which token and with
 which weight they return. `dispatch` builds that buffer (tokens grouped by expert, plus
 the row count of each expert's group), `combine` scatters expert outputs back to tokens.
-Losses and statistics read the plan, never the router.
+Losses, statistics and callbacks read the plan, never the router.
 """
 
 from __future__ import annotations
@@ -14,6 +14,28 @@ import torch
 from torch import Tensor
 
 
+@dataclass(frozen=True)
+class RoutingContext:
+    """What a router may need beyond the token vectors.
+
+    num_sequences, seq_len: the (B, L) the T = B·L tokens came from (row-major), so
+    routers that work per sequence (Soft MoE) or per position (hash on patches) can.
+    token_ids_T: token ids (language models), for routers that hash ids.
+    """
+
+    num_sequences: int
+    seq_len: int
+    token_ids_T: Tensor | None = None
+
+    @staticmethod
+    def for_input(x: Tensor, token_ids: Tensor | None = None) -> "RoutingContext":
+        """Context of an input shaped (B, L, D) or (T, D) (a 2-D input is one sequence)."""
+        num_sequences = x.shape[0] if x.dim() == 3 else 1
+        seq_len = x.shape[-2]
+        ids = None if token_ids is None else token_ids.reshape(-1)
+        return RoutingContext(num_sequences, seq_len, ids)
+
+
 @dataclass
 class Routing:
     """Where every token goes, for one MoE layer and one batch.
@@ -21,14 +43,16 @@ class Routing:
     Shapes: T tokens, E experts, K choices per token, N rows in the grouped buffer
     (N = T·K without capacity; N = E·C with capacity C per expert, unused rows padded).
 
-    token_index_N:      source token of each grouped row (padding rows point at token 0).
-    combine_weight_N:   weight of each row in its token's output (0 for padding rows).
-    group_sizes_E:      rows per expert in the grouped buffer, the grouped matmul's groups.
-    tokens_per_expert_E: real (kept) token assignments per expert.
-    router_logits_TE:   raw router logits h, fp32.
-    router_probs_TE:    router probabilities p (softmax of h), fp32.
-    selected_experts_TK: the experts each token chose, before any capacity drop.
-    kept_TK:            which choices survived capacity (None: dropless, all kept).
+    token_index_N:       source token of each grouped row (padding rows point at token 0).
+    combine_weight_N:    weight of each row in its token's output (0 for padding rows).
+    group_sizes_E:       rows per expert in the grouped buffer, the grouped matmul's groups.
+    tokens_per_expert_E: real (non-padding) rows per expert.
+    router_logits_TE:    raw router logits h, fp32.
+    router_probs_TE:     router probabilities p (softmax of h, or the router's scores), fp32.
+    selected_experts_TK: the experts each token chose before any capacity drop
+                         (token-choice routers; None for expert-choice and slot routers).
+    kept_TK:             which choices survived capacity (None: all kept).
+    valid_N:             which grouped rows are real (None: all are).
     """
 
     token_index_N: Tensor
@@ -37,8 +61,9 @@ class Routing:
     tokens_per_expert_E: Tensor
     router_logits_TE: Tensor
     router_probs_TE: Tensor
-    selected_experts_TK: Tensor
+    selected_experts_TK: Tensor | None = None
     kept_TK: Tensor | None = None
+    valid_N: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -49,8 +74,9 @@ class Routing:
         return self.router_logits_TE.shape[1]
 
     @property
-    def top_k(self) -> int:
-        return self.selected_experts_TK.shape[1]
+    def top_k(self) -> int | None:
+        """Choices per token for token-choice plans, else None."""
+        return None if self.selected_experts_TK is None else self.selected_experts_TK.shape[1]
 
     def dispatch(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         """Tokens grouped by expert, (N, D), and the rows per expert, (E,). Local, no comms."""
@@ -62,15 +88,43 @@ class Routing:
         out_TD = y_ND.new_zeros(self.num_tokens, y_ND.shape[-1])
         return out_TD.index_add(0, self.token_index_N, weighted_ND)
 
+    def expert_index_N(self) -> Tensor:
+        """The expert each grouped row belongs to."""
+        experts_E = torch.arange(self.num_experts, device=self.group_sizes_E.device)
+        return torch.repeat_interleave(experts_E, self.group_sizes_E, output_size=self.token_index_N.numel())
+
+    @torch.no_grad()
+    def expert_share_TE(self) -> Tensor:
+        """How much of each token each expert processed: 1 per real (token, expert) row.
+
+        Summed over tokens of a class (or position, or token category) this gives the
+        expert × class tables of the specialisation callbacks.
+        """
+        share_TE = torch.zeros(self.num_tokens, self.num_experts, device=self.token_index_N.device)
+        ones_N = torch.ones_like(self.token_index_N, dtype=share_TE.dtype)
+        if self.valid_N is not None:
+            ones_N = ones_N * self.valid_N
+        return share_TE.index_put_((self.token_index_N, self.expert_index_N()), ones_N, accumulate=True)
+
     @torch.no_grad()
     def stats(self) -> dict[str, Tensor]:
-        """Detached statistics for logging callbacks (computed only when asked for)."""
+        """Detached statistics for logging callbacks (computed only when asked for).
+
+        tokens_per_expert: real rows per expert. unrouted_fraction: share of tokens that
+        reached no expert (dropped by capacity, or taken by no expert). dropped_fraction:
+        share of token-choice assignments dropped by capacity (0 without choices).
+        router_entropy: mean over tokens of −Σ_i p_i log p_i.
+        """
         probs = self.router_probs_TE.detach()
+        probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-20)
         entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
-        kept = self.tokens_per_expert_E.sum()
-        assignments = self.num_tokens * self.top_k
+        reached_T = self.expert_share_TE().sum(-1) > 0
+        dropped = torch.zeros((), device=probs.device)
+        if self.kept_TK is not None:
+            dropped = 1.0 - self.kept_TK.float().mean()
         return {
             "tokens_per_expert": self.tokens_per_expert_E.detach(),
-            "dropped_fraction": 1.0 - kept.float() / assignments,
+            "unrouted_fraction": 1.0 - reached_T.float().mean(),
+            "dropped_fraction": dropped,
             "router_entropy": entropy,
         }
