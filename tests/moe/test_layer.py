@@ -61,9 +61,24 @@ def test_unknown_aux_loss_is_rejected():
         MoELayer(16, 32, partial(TopKRouter, num_experts=4), partial(GroupedExperts, num_experts=4), {"balanse": 1.0})
 
 
-def test_mismatched_expert_counts_are_rejected():
-    with pytest.raises(ConfigError, match="router has 4 experts"):
-        MoELayer(16, 32, partial(TopKRouter, num_experts=4), partial(GroupedExperts, num_experts=8))
+def test_router_takes_its_expert_count_from_the_experts():
+    layer = MoELayer(16, 32, partial(TopKRouter, num_experts=4), partial(GroupedExperts, num_experts=8))
+    assert layer.router.num_experts == layer.num_experts == 8
+
+
+def test_fine_grained_experts_keep_active_parameters():
+    coarse = MoELayer(16, 64, partial(TopKRouter, k=2), partial(GroupedExperts, num_experts=4))
+    fine = MoELayer(16, 64, partial(TopKRouter, k=2), partial(GroupedExperts, num_experts=4, granularity=4))
+    assert (fine.num_experts, fine.router.k, fine.experts.hidden) == (16, 8, 16)
+    active = lambda layer: layer.router.k * layer.experts.hidden  # noqa: E731
+    assert active(fine) == active(coarse)
+    assert sum(p.numel() for p in fine.experts.parameters()) == sum(p.numel() for p in coarse.experts.parameters())
+    fine(torch.randn(2, 8, 16)).sum().backward()
+
+
+def test_granularity_must_divide_hidden():
+    with pytest.raises(ConfigError, match="granularity=3 must be >= 1 and divide"):
+        GroupedExperts(d_model=16, hidden=64, num_experts=4, granularity=3)
 
 
 def test_unaligned_expert_sizes_are_rejected():

@@ -2,19 +2,41 @@
 
 from moelab.moe.errors import ConfigError
 from moelab.moe.experts import GroupedExperts
-from moelab.moe.layer import MoELayer, collect_aux_losses, moe_layers
+from moelab.moe.layer import MoELayer, after_optimizer_step, collect_aux_losses, moe_layers
 from moelab.moe.losses import AUX_LOSSES, balance_loss, z_loss
-from moelab.moe.routers import TopKRouter
-from moelab.moe.routing import Routing, RoutingContext
+from moelab.moe.routers import (
+    AuxFreeRouter,
+    CosineRouter,
+    DenseRouter,
+    ExpertChoiceRouter,
+    GShardRouter,
+    HashRouter,
+    NoisyTopKRouter,
+    SinkhornRouter,
+    SoftMoERouter,
+    TopKRouter,
+)
+from moelab.moe.routing import Routing, RoutingContext, SoftRouting
 
 __all__ = [
     "AUX_LOSSES",
+    "AuxFreeRouter",
     "ConfigError",
+    "CosineRouter",
+    "DenseRouter",
+    "ExpertChoiceRouter",
+    "GShardRouter",
     "GroupedExperts",
+    "HashRouter",
     "MoELayer",
+    "NoisyTopKRouter",
     "Routing",
     "RoutingContext",
+    "SinkhornRouter",
+    "SoftMoERouter",
+    "SoftRouting",
     "TopKRouter",
+    "after_optimizer_step",
     "balance_loss",
     "collect_aux_losses",
     "moe_layers",

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from moelab.moe.errors import ConfigError
-from moelab.moe.routing import Routing
+from moelab.moe.routing import Routing, RoutingContext
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -30,57 +30,95 @@ def token_choice_routing(
     selected_experts_TK: Tensor,
     weights_TK: Tensor,
     capacity: int | None = None,
+    priority_T: Tensor | None = None,
+    active_TK: Tensor | None = None,
+    load_estimate_E: Tensor | None = None,
+    context: RoutingContext | None = None,
 ) -> Routing:
     """Build the plan for routers where each token picks K experts.
 
     Assignments are ordered choice-major (every token's first choice before any second
-    choice, tokens in batch order within a choice), then stably sorted by expert. With a
-    capacity C, the first C assignments of each expert are kept, as in GShard and
-    Switch: a token's first choice outranks any token's second choice.
+    choice), tokens in batch order within a choice, or in decreasing `priority_T` (batch
+    priority routing, Riquelme et al. 2021), then stably sorted by expert. With a
+    capacity C, the first C assignments in each expert's queue are kept, as in GShard
+    and Switch. `active_TK` marks choices the router itself skips (GShard's random
+    second expert): they take no capacity and get no output.
     """
     num_tokens, top_k = selected_experts_TK.shape
     num_experts = router_logits_TE.shape[1]
-    expert_A = selected_experts_TK.t().reshape(-1)  # A = K·T assignments, choice-major
-    weight_A = weights_TK.t().reshape(-1)
-    token_A = torch.arange(num_tokens, device=expert_A.device).repeat(top_k)
+    device = selected_experts_TK.device
+    token_order_T = torch.arange(num_tokens, device=device)
+    if priority_T is not None:
+        token_order_T = torch.argsort(priority_T, descending=True, stable=True)
+    # A = K·T assignments, choice-major, tokens in queue order.
+    expert_A = selected_experts_TK[token_order_T].t().reshape(-1)
+    weight_A = weights_TK[token_order_T].t().reshape(-1)
+    token_A = token_order_T.repeat(top_k)
+    active_A = None if active_TK is None else active_TK[token_order_T].t().reshape(-1)
 
-    order_A = torch.argsort(expert_A, stable=True)
-    demand_E = torch.zeros(num_experts, dtype=torch.long, device=expert_A.device)
-    demand_E.scatter_add_(0, expert_A, torch.ones_like(expert_A))
+    def to_token_layout(values_A: Tensor) -> Tensor:
+        """(A,) in queue order -> (T, K) indexed by token."""
+        out_KT = torch.empty(top_k, num_tokens, dtype=values_A.dtype, device=device)
+        return out_KT.scatter(1, token_order_T.expand(top_k, -1), values_A.reshape(top_k, num_tokens)).t()
+
+    common = dict(
+        router_logits_TE=router_logits_TE,
+        router_probs_TE=router_probs_TE,
+        selected_experts_TK=selected_experts_TK,
+        gates_TK=weights_TK,
+        load_estimate_E=load_estimate_E,
+        context=context,
+    )
 
     if capacity is None:
+        order_A = torch.argsort(expert_A, stable=True)
+        rows_E = torch.zeros(num_experts, dtype=torch.long, device=device)
+        rows_E.scatter_add_(0, expert_A, torch.ones_like(expert_A))
+        if active_A is None:
+            return Routing(
+                token_index_N=token_A[order_A],
+                combine_weight_N=weight_A[order_A],
+                group_sizes_E=rows_E,
+                tokens_per_expert_E=rows_E,
+                **common,
+            )
+        # Skipped choices keep their row (static shapes) with weight 0 and are not counted.
+        processed_E = torch.zeros_like(rows_E).scatter_add_(0, expert_A, active_A.long())
         return Routing(
             token_index_N=token_A[order_A],
-            combine_weight_N=weight_A[order_A],
-            group_sizes_E=demand_E,
-            tokens_per_expert_E=demand_E,
-            router_logits_TE=router_logits_TE,
-            router_probs_TE=router_probs_TE,
-            selected_experts_TK=selected_experts_TK,
+            combine_weight_N=(weight_A * active_A)[order_A],
+            group_sizes_E=rows_E,
+            tokens_per_expert_E=processed_E,
+            kept_TK=to_token_layout(active_A),
+            valid_N=active_A[order_A],
+            **common,
         )
 
-    # Rank of each assignment inside its expert's queue; keep ranks below C.
-    sorted_expert_A = expert_A[order_A]
-    group_start_E = torch.cumsum(demand_E, 0) - demand_E
-    rank_A = torch.arange(expert_A.numel(), device=expert_A.device) - group_start_E[sorted_expert_A]
-    keep_A = rank_A < capacity
+    # Skipped choices queue at a virtual expert E that has no rows.
+    queue_A = expert_A if active_A is None else torch.where(active_A, expert_A, num_experts)
+    order_A = torch.argsort(queue_A, stable=True)
+    demand_E1 = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    demand_E1.scatter_add_(0, queue_A, torch.ones_like(queue_A))
+    sorted_queue_A = queue_A[order_A]
+    group_start_E1 = torch.cumsum(demand_E1, 0) - demand_E1
+    rank_A = torch.arange(queue_A.numel(), device=device) - group_start_E1[sorted_queue_A]
+    keep_A = (rank_A < capacity) & (sorted_queue_A < num_experts)
     # Fixed buffer of E·C rows; dropped assignments go to one spare row that is cut off.
     spare = num_experts * capacity
-    slot_A = torch.where(keep_A, sorted_expert_A * capacity + rank_A, spare)
-    token_index_N = torch.zeros(spare + 1, dtype=torch.long, device=expert_A.device)
+    slot_A = torch.where(keep_A, sorted_queue_A * capacity + rank_A, spare)
+    token_index_N = torch.zeros(spare + 1, dtype=torch.long, device=device)
     token_index_N = token_index_N.scatter(0, slot_A, token_A[order_A])[:spare]
     combine_weight_N = weight_A.new_zeros(spare + 1).scatter(0, slot_A, weight_A[order_A])[:spare]
+    kept_E = demand_E1[:num_experts].clamp(max=capacity)
     kept_A = torch.zeros_like(keep_A).scatter(0, order_A, keep_A)
     return Routing(
         token_index_N=token_index_N,
         combine_weight_N=combine_weight_N,
-        group_sizes_E=torch.full_like(demand_E, capacity),
-        tokens_per_expert_E=demand_E.clamp(max=capacity),
-        router_logits_TE=router_logits_TE,
-        router_probs_TE=router_probs_TE,
-        selected_experts_TK=selected_experts_TK,
-        kept_TK=kept_A.reshape(top_k, num_tokens).t(),
-        valid_N=torch.arange(spare, device=expert_A.device) % capacity < demand_E.repeat_interleave(capacity),
+        group_sizes_E=torch.full_like(kept_E, capacity),
+        tokens_per_expert_E=kept_E,
+        kept_TK=to_token_layout(kept_A),
+        valid_N=torch.arange(spare, device=device) % capacity < kept_E.repeat_interleave(capacity),
+        **common,
     )
 
 

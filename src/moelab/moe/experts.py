@@ -1,4 +1,5 @@
-"""Routed experts with weights stored as (E, …) tensors and computed by grouped matmuls."""
+"""Routed experts with weights stored as (E, …) tensors and computed by grouped matmuls,
+plus optional always-on shared experts (DeepSeekMoE)."""
 
 from __future__ import annotations
 
@@ -9,49 +10,100 @@ from torch import Tensor, nn
 from moelab.moe.dispatch import grouped_mm
 from moelab.moe.errors import ConfigError, check_num_experts
 
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "swiglu", "geglu")
+
+
+def _activate(activation: str, h_NF: Tensor, gate_NF: Tensor | None) -> Tensor:
+    if activation == "gelu":
+        return F.gelu(h_NF)
+    if activation == "swiglu":
+        return F.silu(h_NF) * gate_NF
+    return F.gelu(h_NF) * gate_NF
 
 
 class GroupedExperts(nn.Module):
     """E feed-forward experts evaluated in one grouped matmul per weight.
 
-    mlp (`activation="gelu"`):   f_e(x) = W2_e · GELU(W1_e x)
-    swiglu (`activation="swiglu"`): f_e(x) = W2_e · (SiLU(W1_e x) ⊙ W3_e x)  (Shazeer 2020)
+    mlp (`activation="gelu"`): f_e(x) = W2_e · GELU(W1_e x)
+    swiglu: f_e(x) = W2_e · (SiLU(W1_e x) ⊙ W3_e x); geglu: GELU in place of SiLU (Shazeer 2020).
+
+    `granularity` m (DeepSeekMoE, Dai et al. 2024) splits each of the `num_experts`
+    experts into m experts of hidden size `hidden / m`: E·m experts in all, and the
+    layer routes each token to k·m of them, keeping active parameters equal.
+    `num_shared` adds that many always-on experts of the same (fine) size, applied to
+    every token and added to the routed output: y = Σ_shared f_s(x) + Σ_{i∈TopK} g_i f_i(x).
+    `dropout` acts on the hidden activations.
 
     Input rows arrive grouped by expert with `group_sizes_E` rows for expert e.
     """
 
-    def __init__(self, d_model: int, hidden: int, num_experts: int, activation: str = "gelu") -> None:
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        num_experts: int,
+        activation: str = "gelu",
+        granularity: int = 1,
+        num_shared: int = 0,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         check_num_experts(num_experts)
         if activation not in ACTIVATIONS:
-            raise ConfigError(f"expert activation '{activation}' is unknown: pick one of {', '.join(ACTIVATIONS)}")
-        # Grouped matmul needs 16-byte aligned rows: multiples of 8 cover bf16 and fp32.
-        if d_model % 8 or hidden % 8:
+            raise ConfigError(f"expert.activation='{activation}' is unknown: pick one of {', '.join(ACTIVATIONS)}")
+        if granularity < 1 or hidden % granularity:
             raise ConfigError(
-                f"grouped experts need d_model ({d_model}) and hidden ({hidden}) divisible by 8"
+                f"expert.granularity={granularity} must be >= 1 and divide the expert hidden size {hidden}"
             )
-        self.num_experts, self.d_model, self.hidden, self.activation = num_experts, d_model, hidden, activation
-        self.w1_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
-        self.w2_EFD = nn.Parameter(torch.empty(num_experts, hidden, d_model))
-        self.w3_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden)) if activation == "swiglu" else None
+        if num_shared < 0:
+            raise ConfigError(f"expert.num_shared={num_shared} must be >= 0")
+        fine_hidden = hidden // granularity
+        # Grouped matmul needs 16-byte aligned rows: multiples of 8 cover bf16 and fp32.
+        if d_model % 8 or fine_hidden % 8:
+            raise ConfigError(
+                f"grouped experts need d_model ({d_model}) and hidden/granularity ({fine_hidden}) divisible by 8"
+            )
+        self.num_experts = num_experts * granularity
+        self.granularity, self.num_shared = granularity, num_shared
+        self.d_model, self.hidden, self.activation = d_model, fine_hidden, activation
+        gated = activation != "gelu"
+        E = self.num_experts
+        self.w1_EDF = nn.Parameter(torch.empty(E, d_model, fine_hidden))
+        self.w3_EDF = nn.Parameter(torch.empty(E, d_model, fine_hidden)) if gated else None
+        self.w2_EFD = nn.Parameter(torch.empty(E, fine_hidden, d_model))
+        shared_hidden = num_shared * fine_hidden
+        self.shared_w1_DH = nn.Parameter(torch.empty(d_model, shared_hidden)) if num_shared else None
+        self.shared_w3_DH = nn.Parameter(torch.empty(d_model, shared_hidden)) if num_shared and gated else None
+        self.shared_w2_HD = nn.Parameter(torch.empty(shared_hidden, d_model)) if num_shared else None
+        self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # Each expert is initialised like a dense layer of its own fan-in.
-        for w in (self.w1_EDF, self.w3_EDF):
+        for w in (self.w1_EDF, self.w3_EDF, self.shared_w1_DH, self.shared_w3_DH):
             if w is not None:
                 nn.init.normal_(w, std=self.d_model**-0.5)
         nn.init.normal_(self.w2_EFD, std=self.hidden**-0.5)
+        if self.shared_w2_HD is not None:
+            nn.init.normal_(self.shared_w2_HD, std=self.shared_w2_HD.shape[0] ** -0.5)
 
     def forward(self, x_ND: Tensor, group_sizes_E: Tensor) -> Tensor:
+        """Routed experts on grouped rows."""
         offsets_E = torch.cumsum(group_sizes_E, 0, dtype=torch.int32)
         h_NF = grouped_mm(x_ND, self.w1_EDF, offsets_E)
-        if self.w3_EDF is None:
-            h_NF = F.gelu(h_NF)
-        else:
-            h_NF = F.silu(h_NF) * grouped_mm(x_ND, self.w3_EDF, offsets_E)
-        return grouped_mm(h_NF, self.w2_EFD, offsets_E)
+        gate_NF = None if self.w3_EDF is None else grouped_mm(x_ND, self.w3_EDF, offsets_E)
+        return grouped_mm(self.dropout(_activate(self.activation, h_NF, gate_NF)), self.w2_EFD, offsets_E)
+
+    def shared(self, x_TD: Tensor) -> Tensor | None:
+        """The shared experts on every token (None without shared experts)."""
+        if self.shared_w1_DH is None:
+            return None
+        gate_TH = None if self.shared_w3_DH is None else x_TD @ self.shared_w3_DH.to(x_TD.dtype)
+        h_TH = _activate(self.activation, x_TD @ self.shared_w1_DH.to(x_TD.dtype), gate_TH)
+        return self.dropout(h_TH) @ self.shared_w2_HD.to(x_TD.dtype)
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, activation={self.activation}"
+        return (
+            f"experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, activation={self.activation}, "
+            f"granularity={self.granularity}, num_shared={self.num_shared}"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Mapping
 
 import torch
@@ -16,11 +17,16 @@ class MoELayer(nn.Module):
     """A mixture-of-experts feed-forward layer on (..., D) inputs.
 
     `router` and `experts` are factories (e.g. `functools.partial` or Hydra `_partial_`
-    configs) so every layer builds its own: `router(d_model=D)`, `experts(d_model=D,
-    hidden=F)`. `aux_loss_weights` maps loss names of `moelab.moe.losses.AUX_LOSSES` to
-    weights. After each forward the layer keeps, as side channels for the training task
-    and callbacks, `aux_losses` (unweighted values by name), `aux_loss` (their weighted
-    sum) and `last_plan` (the Routing plan).
+    configs) so every layer builds its own: `experts(d_model=D, hidden=F)` first, then
+    `router(d_model=D, num_experts=<the experts module's count>)`; with fine-grained
+    experts (granularity m) a router's `k` set in its factory is multiplied by m.
+    `aux_loss_weights` maps loss names of `moelab.moe.losses.AUX_LOSSES` to weights; a
+    weighted loss the router does not support (e.g. balance for Soft MoE, which is
+    balanced by construction) is skipped with a warning.
+
+    After each training forward the layer keeps, as side channels for the task and the
+    callbacks, `aux_losses` (unweighted values by name), `aux_loss` (their weighted sum)
+    and, after every forward, `last_plan` (the routing plan).
     """
 
     def __init__(
@@ -33,18 +39,31 @@ class MoELayer(nn.Module):
         layer_index: int | None = None,
     ) -> None:
         super().__init__()
-        self.router = router(d_model=d_model)
         self.experts = experts(d_model=d_model, hidden=hidden)
-        if self.router.num_experts != self.experts.num_experts:
-            raise ConfigError(
-                f"router has {self.router.num_experts} experts but the experts module "
-                f"{self.experts.num_experts}: set both from the top-level `experts`"
-            )
-        weights = dict(aux_loss_weights or {})
+        router_overrides = {"num_experts": self.experts.num_experts}
+        granularity = getattr(self.experts, "granularity", 1)
+        factory_k = getattr(router, "keywords", {}).get("k")
+        if granularity > 1 and factory_k is not None:
+            router_overrides["k"] = factory_k * granularity
+        self.router = router(d_model=d_model, **router_overrides)
+        weights = {name: float(w) for name, w in (aux_loss_weights or {}).items()}
         unknown = sorted(set(weights) - set(AUX_LOSSES))
         if unknown:
             raise ConfigError(f"unknown auxiliary loss {unknown}: pick from {', '.join(AUX_LOSSES)}")
-        self.aux_loss_weights = {name: float(w) for name, w in weights.items()}
+        supported = getattr(self.router, "supported_losses", frozenset(AUX_LOSSES))
+        skipped = sorted(name for name, w in weights.items() if w and name not in supported)
+        if skipped:
+            warnings.warn(
+                f"router {type(self.router).__name__} ignores auxiliary loss {skipped} "
+                f"(it supports {sorted(supported) or 'none'})",
+                stacklevel=2,
+            )
+        if weights.get("balance") and type(self.router).__name__ == "AuxFreeRouter":
+            warnings.warn(
+                "router=aux_free balances with its bias; a non-zero balance loss weight fights it: use loss=none or zloss",
+                stacklevel=2,
+            )
+        self.aux_loss_weights = {name: w for name, w in weights.items() if name in supported}
         self.layer_index = layer_index
         self.aux_losses: dict[str, Tensor] = {}
         self.aux_loss: Tensor | None = None
@@ -52,7 +71,7 @@ class MoELayer(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.router.num_experts
+        return self.experts.num_experts
 
     @property
     def causal_safe(self) -> bool:
@@ -64,14 +83,17 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         plan = self.router(x_TD, RoutingContext.for_input(x, token_ids))
         x_ND, group_sizes_E = plan.dispatch(x_TD)
-        y_ND = self.experts(x_ND, group_sizes_E)
-        y_TD = plan.combine(y_ND)
-        self.aux_losses = {name: AUX_LOSSES[name](plan) for name in self.aux_loss_weights}
-        self.aux_loss = sum(
-            (w * self.aux_losses[name] for name, w in self.aux_loss_weights.items()),
-            torch.zeros((), device=x.device),
-        )
+        y_TD = plan.combine(self.experts(x_ND, group_sizes_E))
+        shared_TD = self.experts.shared(x_TD) if hasattr(self.experts, "shared") else None
+        if shared_TD is not None:
+            y_TD = y_TD + shared_TD
         self.last_plan = plan
+        if self.training:
+            self.aux_losses = {name: AUX_LOSSES[name](plan) for name in self.aux_loss_weights}
+            self.aux_loss = sum(
+                (w * self.aux_losses[name] for name, w in self.aux_loss_weights.items()),
+                torch.zeros((), device=x.device),
+            )
         return y_TD.reshape(x.shape).to(x.dtype)
 
 
@@ -87,8 +109,18 @@ def collect_aux_losses(model: nn.Module) -> tuple[Tensor | None, dict[str, Tenso
     if not layers:
         return None, {}
     total = sum(m.aux_loss for m in layers)
+    names = {name for m in layers for name in m.aux_losses}
     per_name = {
-        name: torch.stack([m.aux_losses[name] for m in layers]).mean()
-        for name in layers[0].aux_losses
+        name: torch.stack([m.aux_losses[name] for m in layers if name in m.aux_losses]).mean()
+        for name in sorted(names)
     }
     return total, per_name
+
+
+def after_optimizer_step(model: nn.Module) -> None:
+    """Router state that moves once per optimizer step (aux-loss-free biases). Training
+    loops call this right after `optimizer.step()`."""
+    for layer in moe_layers(model):
+        update = getattr(layer.router, "update_bias", None)
+        if update is not None:
+            update()

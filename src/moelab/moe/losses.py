@@ -1,4 +1,8 @@
-"""Auxiliary losses, each a function of a Routing plan (definitions in shared EQUATIONS.md)."""
+"""Auxiliary losses, each a function of a routing plan (definitions in shared EQUATIONS.md).
+
+Which losses mean something for which router is declared by the router
+(`supported_losses`); MoELayer skips, with a warning, a weighted loss its router lacks.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,16 @@ from torch import Tensor
 from moelab.moe.routing import Routing
 
 
+def _assignment_counts(selected_TK: Tensor, num_experts: int) -> Tensor:
+    counts_E = torch.zeros(num_experts, device=selected_TK.device)
+    return counts_E.scatter_add_(0, selected_TK.reshape(-1), torch.ones(selected_TK.numel(), device=selected_TK.device))
+
+
+def _cv_squared(values_E: Tensor) -> Tensor:
+    """Squared coefficient of variation, population std: (std / mean)²."""
+    return values_E.var(unbiased=False) / values_E.mean().square().clamp_min(1e-10)
+
+
 def balance_loss(plan: Routing) -> Tensor:
     """Load-balancing loss (Switch, Fedus et al. 2021, eq. 4; GShard, Lepikhin et al. 2020).
 
@@ -17,12 +31,22 @@ def balance_loss(plan: Routing) -> Tensor:
     before capacity drops, and P_i = (1/T) Σ_t p_t,i. Dividing by k makes L = 1 at
     perfectly uniform routing for every k.
     """
-    num_experts, num_tokens, top_k = plan.num_experts, plan.num_tokens, plan.top_k
-    counts_E = torch.zeros(num_experts, device=plan.router_probs_TE.device)
-    counts_E.scatter_add_(0, plan.selected_experts_TK.reshape(-1), torch.ones(num_tokens * top_k, device=counts_E.device))
-    fraction_E = counts_E / (num_tokens * top_k)
-    mean_prob_E = plan.router_probs_TE.mean(dim=0)
-    return num_experts * torch.dot(fraction_E, mean_prob_E)
+    fraction_E = _assignment_counts(plan.selected_experts_TK, plan.num_experts) / plan.selected_experts_TK.numel()
+    return plan.num_experts * torch.dot(fraction_E, plan.router_probs_TE.mean(dim=0))
+
+
+def seq_balance_loss(plan: Routing) -> Tensor:
+    """Sequence-wise balance loss (DeepSeek-V3, Liu et al. 2024, eqs. 17-20): the balance
+    loss with f and P computed over each sequence's tokens, averaged over sequences."""
+    context = plan.context
+    num_sequences = 1 if context is None else context.num_sequences
+    num_experts = plan.num_experts
+    selected_BLK = plan.selected_experts_TK.reshape(num_sequences, -1, plan.top_k)
+    counts_BE = torch.zeros(num_sequences, num_experts, device=selected_BLK.device)
+    counts_BE.scatter_add_(1, selected_BLK.flatten(1), torch.ones_like(selected_BLK.flatten(1), dtype=counts_BE.dtype))
+    fraction_BE = counts_BE / selected_BLK[0].numel()
+    mean_prob_BE = plan.router_probs_TE.reshape(num_sequences, -1, num_experts).mean(dim=1)
+    return num_experts * (fraction_BE * mean_prob_BE).sum(-1).mean()
 
 
 def z_loss(plan: Routing) -> Tensor:
@@ -30,7 +54,34 @@ def z_loss(plan: Routing) -> Tensor:
     return torch.logsumexp(plan.router_logits_TE, dim=-1).square().mean()
 
 
+def importance_loss(plan: Routing) -> Tensor:
+    """Importance loss (Shazeer et al. 2017, eq. 6): Imp_i = Σ_t g_t,i (the routing weights
+    of the chosen experts, before drops); L = CV(Imp)²."""
+    importance_E = torch.zeros(plan.num_experts, device=plan.gates_TK.device, dtype=plan.gates_TK.dtype)
+    importance_E = importance_E.scatter_add(0, plan.selected_experts_TK.reshape(-1), plan.gates_TK.reshape(-1))
+    return _cv_squared(importance_E)
+
+
+def load_loss(plan: Routing) -> Tensor:
+    """Load loss (Shazeer et al. 2017, eq. 11): L = CV(Load)², Load from the noisy top-k
+    router's smooth estimator (`plan.load_estimate_E`); 0 when the plan has none (eval)."""
+    if plan.load_estimate_E is None:
+        return plan.router_logits_TE.new_zeros(())
+    return _cv_squared(plan.load_estimate_E)
+
+
+def entropy_loss(plan: Routing) -> Tensor:
+    """Mean router entropy over tokens, −Σ_i p_t,i log p_t,i. A positive weight makes
+    routing more decisive, a negative one more uniform."""
+    probs_TE = plan.router_probs_TE
+    return -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
+
+
 AUX_LOSSES: dict[str, Callable[[Routing], Tensor]] = {
     "balance": balance_loss,
+    "seq_balance": seq_balance_loss,
     "zloss": z_loss,
+    "importance": importance_loss,
+    "load": load_loss,
+    "entropy": entropy_loss,
 }

@@ -1,35 +1,56 @@
-"""Routing rules, one class each; every router maps tokens (T, D) to a Routing plan."""
+"""Routing rules, one class each. Every router maps tokens (T, D) to a routing plan.
+
+Each router declares `kind` (token_choice, dense, expert_choice, soft, hash), whether it
+is `causal_safe` (a token's routing depends on that token alone, so it may serve a causal
+language model), and the auxiliary losses that mean something for it (`supported_losses`).
+Router math runs in fp32 whatever the compute dtype (ST-MoE, Zoph et al. 2022, sec. 3.3).
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.moe.dispatch import expert_capacity, token_choice_routing
 from moelab.moe.errors import ConfigError, check_num_experts
-from moelab.moe.routing import Routing, RoutingContext
+from moelab.moe.routing import Routing, RoutingContext, SoftRouting
+
+TOKEN_CHOICE_LOSSES = frozenset({"balance", "zloss", "importance", "seq_balance", "entropy"})
 
 
-class TopKRouter(nn.Module):
-    """Token-choice top-k routing (Shazeer et al. 2017; Switch, Fedus et al. 2021, is k=1).
+def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
+    """h = x W_gᵀ in fp32, outside autocast."""
+    with torch.autocast(x_TD.device.type, enabled=False):
+        return F.linear(x_TD.float(), weight_ED.float())
 
-    h = x W_g, p = softmax(h); each token takes the k largest p_i with weights g_i = p_i,
-    or, with `normalize`, g_i = p_i / Σ_selected p_j (equal to a softmax over the k
-    selected logits, as in Mixtral). Dropless unless `capacity_factor` is set: then each
-    expert keeps C = ⌈cf · k · T / E⌉ assignments and the overflow is dropped (its token
-    passes through the residual). `eval_capacity_factor` applies outside training
-    (default: the training factor).
+
+def _check_factor(name: str, factor: float | None) -> None:
+    if factor is not None and factor <= 0:
+        raise ConfigError(f"router.{name}={factor} must be > 0, or null for dropless routing")
+
+
+class TokenChoiceRouter(nn.Module):
+    """Shared machinery of routers where each token picks k experts: k, weight
+    renormalisation, capacity (train and eval factors) and batch priority routing.
+
+    Subclasses compute scores and call `plan(...)`.
     """
+
+    kind = "token_choice"
+    supported_losses = TOKEN_CHOICE_LOSSES
 
     def __init__(
         self,
-        d_model: int,
         num_experts: int,
-        k: int = 2,
-        normalize: bool = True,
+        k: int,
+        normalize: bool,
         capacity_factor: float | None = None,
         eval_capacity_factor: float | None = None,
+        batch_priority: bool = False,
     ) -> None:
         super().__init__()
         check_num_experts(num_experts)
@@ -42,40 +63,434 @@ class TopKRouter(nn.Module):
                 "router.k=1 with router.normalize=true makes every weight 1, so the router "
                 "gets no gradient from the task: set router.normalize=false"
             )
-        for name, factor in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
-            if factor is not None and factor <= 0:
-                raise ConfigError(f"router.{name}={factor} must be > 0, or null for dropless routing")
+        _check_factor("capacity_factor", capacity_factor)
+        _check_factor("eval_capacity_factor", eval_capacity_factor)
         self.num_experts = num_experts
         self.k = k
         self.normalize = normalize
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
+        self.batch_priority = batch_priority
+
+    @property
+    def causal_safe(self) -> bool:
+        """Capacity breaks per-token routing: whether a token keeps its expert depends on
+        the other tokens of the batch, later positions included."""
+        return self.capacity_factor is None and self.eval_capacity_factor is None
+
+    def capacity(self, num_tokens: int) -> int | None:
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return None if factor is None else expert_capacity(num_tokens, self.num_experts, self.k, factor)
+
+    def plan(
+        self,
+        logits_TE: Tensor,
+        probs_TE: Tensor,
+        selection_TE: Tensor,
+        gates_TE: Tensor,
+        context: RoutingContext | None,
+        active_TK: Tensor | None = None,
+        load_estimate_E: Tensor | None = None,
+    ) -> Routing:
+        """Top-k of `selection_TE`, weights from `gates_TE` (renormalised if `normalize`)."""
+        selected_TK = selection_TE.topk(self.k, dim=-1).indices
+        weights_TK = gates_TE.gather(1, selected_TK)
+        if self.normalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        capacity = self.capacity(logits_TE.shape[0])
+        # V-MoE's priority: a token's largest routing weight.
+        priority_T = weights_TK.max(dim=-1).values.detach() if self.batch_priority and capacity else None
+        return token_choice_routing(
+            logits_TE, probs_TE, selected_TK, weights_TK, capacity, priority_T, active_TK, load_estimate_E, context
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, k={self.k}, normalize={self.normalize}, "
+            f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}, "
+            f"batch_priority={self.batch_priority}"
+        )
+
+
+class TopKRouter(TokenChoiceRouter):
+    """Top-k routing (Shazeer et al. 2017; Mixtral; Switch, Fedus et al. 2021, is k=1).
+
+    h = x W_g; scores p = softmax(h) (`score="softmax"`) or s = σ(h) (`score="sigmoid"`);
+    each token takes the k largest scores with weights g_i = p_i, or with `normalize`
+    g_i = p_i / Σ_selected p_j (for softmax equal to a softmax over the k selected logits).
+    Dropless unless `capacity_factor` is set: then each expert keeps C = ⌈cf · k · T / E⌉
+    assignments and the overflow is dropped (its token passes through the residual).
+    For sigmoid scores the balance loss reads s normalised to sum to 1 per token.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        k: int = 2,
+        normalize: bool = True,
+        score: str = "softmax",
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        batch_priority: bool = False,
+    ) -> None:
+        super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor, batch_priority)
+        if score not in ("softmax", "sigmoid"):
+            raise ConfigError(f"router.score='{score}' is unknown: pick softmax or sigmoid")
+        self.score = score
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+
+    def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
+        logits_TE = router_logits(x_TD, self.gate.weight)
+        if self.score == "softmax":
+            scores_TE = probs_TE = logits_TE.softmax(dim=-1)
+        else:
+            scores_TE = torch.sigmoid(logits_TE)
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+        return self.plan(logits_TE, probs_TE, scores_TE, scores_TE, context)
+
+
+class GShardRouter(TokenChoiceRouter):
+    """GShard top-2 (Lepikhin et al. 2020, Algorithm 1): e1 = argmax p, e2 = argmax of p
+    without e1, g1 and g2 renormalised over the pair; in training the second expert is
+    used only if 2·g2 > u, u ~ U(0, 1) (at eval both are used)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        batch_priority: bool = False,
+    ) -> None:
+        super().__init__(num_experts, 2, True, capacity_factor, eval_capacity_factor, batch_priority)
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+
+    def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
+        logits_TE = router_logits(x_TD, self.gate.weight)
+        probs_TE = logits_TE.softmax(dim=-1)
+        active_TK = None
+        if self.training:
+            top2_TK = probs_TE.topk(2, dim=-1).values
+            second_weight_T = top2_TK[:, 1] / top2_TK.sum(-1)
+            uniform_T = torch.rand_like(second_weight_T)
+            active_TK = torch.stack([torch.ones_like(uniform_T, dtype=torch.bool), 2 * second_weight_T > uniform_T], 1)
+        return self.plan(logits_TE, probs_TE, probs_TE, probs_TE, context, active_TK=active_TK)
+
+
+class NoisyTopKRouter(TokenChoiceRouter):
+    """Noisily gated top-k (Shazeer et al. 2017, eqs. 3-5 and 8-10).
+
+    H = h + ε · softplus(x W_noise), ε ~ N(0, 1) in training only; the k largest H are
+    kept and their weights are a softmax over them. The plan carries the differentiable
+    load estimate Load_i = Σ_t Φ((h_t,i − kth_excluding(H_t, k, i)) / softplus((x_t W_noise)_i))
+    for the `load` loss. W_g and W_noise start at zero, as in the paper.
+    """
+
+    supported_losses = TOKEN_CHOICE_LOSSES | {"load"}
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        k: int = 2,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        batch_priority: bool = False,
+        noise_epsilon: float = 1e-2,
+    ) -> None:
+        super().__init__(num_experts, k, True, capacity_factor, eval_capacity_factor, batch_priority)
+        if k == num_experts:
+            raise ConfigError("noisy_topk needs router.k < experts: with k = experts nothing is selected")
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.noise = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.noise.weight)
+        self.noise_epsilon = noise_epsilon
+
+    def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
+        clean_TE = router_logits(x_TD, self.gate.weight)
+        if not self.training:
+            probs_TE = clean_TE.softmax(-1)
+            return self.plan(clean_TE, probs_TE, clean_TE, probs_TE, context)
+        noise_std_TE = F.softplus(router_logits(x_TD, self.noise.weight)) + self.noise_epsilon
+        noisy_TE = clean_TE + torch.randn_like(clean_TE) * noise_std_TE
+        # kth_excluding: for an expert inside the top k, the (k+1)-th largest; else the k-th.
+        top_TK1 = noisy_TE.topk(self.k + 1, dim=-1).values
+        kth_T1, kplus1_T1 = top_TK1[:, self.k - 1 : self.k], top_TK1[:, self.k :]
+        threshold_TE = torch.where(noisy_TE >= kth_T1, kplus1_T1, kth_T1)
+        normal = torch.distributions.Normal(0.0, 1.0)
+        load_E = normal.cdf((clean_TE - threshold_TE) / noise_std_TE).sum(0)
+        probs_TE = noisy_TE.softmax(-1)
+        return self.plan(clean_TE, probs_TE, noisy_TE, probs_TE, context, load_estimate_E=load_E)
+
+
+class CosineRouter(TokenChoiceRouter):
+    """Cosine routing (X-MoE, Chi et al. 2022): s_t,i = ⟨W_p x_t, e_i⟩ / (τ ‖W_p x_t‖ ‖e_i‖),
+    W_p a projection to `dim` (low) dimensions, e_i learned expert embeddings, τ a learned
+    temperature (its log clamped so τ ≥ `min_temperature`); top-k of softmax(s)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        k: int = 2,
+        normalize: bool = True,
+        dim: int = 16,
+        init_temperature: float = 0.07,
+        min_temperature: float = 0.01,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        batch_priority: bool = False,
+    ) -> None:
+        super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor, batch_priority)
+        if init_temperature <= 0 or min_temperature <= 0:
+            raise ConfigError("router.init_temperature and router.min_temperature must be > 0")
+        self.project = nn.Linear(d_model, dim, bias=False)
+        self.expert_embeddings = nn.Parameter(torch.randn(num_experts, dim) * dim**-0.5)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+        self.min_log_temperature = math.log(min_temperature)
+
+    @property
+    def temperature(self) -> Tensor:
+        return self.log_temperature.clamp(min=self.min_log_temperature).exp()
+
+    def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
+        projected_TR = F.normalize(router_logits(x_TD, self.project.weight), dim=-1)
+        experts_ER = F.normalize(self.expert_embeddings.float(), dim=-1)
+        logits_TE = projected_TR @ experts_ER.t() / self.temperature
+        probs_TE = logits_TE.softmax(-1)
+        return self.plan(logits_TE, probs_TE, probs_TE, probs_TE, context)
+
+
+class AuxFreeRouter(TokenChoiceRouter):
+    """Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3).
+
+    s = σ(h); experts are selected by top-k of s_i + b_i, weighted by s_i / Σ_selected s_j
+    (the bias b is not in the weights). After each optimizer step `update_bias()` sets
+    b_i ← b_i + γ · sign(mean_j c_j − c_i), c_i the tokens routed to i since the last
+    update (summed over ranks when torch.distributed is initialised). b is a buffer.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        k: int = 2,
+        update_rate: float = 1e-3,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+    ) -> None:
+        super().__init__(num_experts, k, True, capacity_factor, eval_capacity_factor)
+        if update_rate < 0:
+            raise ConfigError(f"router.update_rate={update_rate} must be >= 0")
+        self.update_rate = update_rate
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+        self.register_buffer("expert_bias_E", torch.zeros(num_experts))
+        self.register_buffer("load_since_update_E", torch.zeros(num_experts), persistent=False)
+
+    def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
+        logits_TE = router_logits(x_TD, self.gate.weight)
+        scores_TE = torch.sigmoid(logits_TE)
+        selection_TE = scores_TE.detach() + self.expert_bias_E
+        plan = self.plan(logits_TE, scores_TE / scores_TE.sum(-1, keepdim=True), selection_TE, scores_TE, context)
+        if self.training:
+            self.load_since_update_E += plan.tokens_per_expert_E.detach().float()
+        return plan
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """One bias step from the load seen since the last call (call after optimizer.step)."""
+        load_E = self.load_since_update_E
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load_E)
+        self.expert_bias_E += self.update_rate * torch.sign(load_E.mean() - load_E)
+        load_E.zero_()
+
+
+class SinkhornRouter(TokenChoiceRouter):
+    """Balanced assignment by Sinkhorn normalisation (as in Megatron-Core; in the spirit of
+    BASE layers, Lewis et al. 2021). In training, K = exp(h) is scaled alternately by rows
+    and columns until rows sum to 1/T and columns to 1/E (within `tolerance`, at most
+    `max_iterations`); experts are the top-k of the scaled matrix, weights come from the
+    unscaled p = softmax(h). At eval: plain top-k of p."""
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        k: int = 1,
+        normalize: bool = False,
+        max_iterations: int = 50,
+        tolerance: float = 1e-3,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+    ) -> None:
+        super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor)
+        self.max_iterations, self.tolerance = max_iterations, tolerance
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=d_model**-0.5)
 
     @property
     def causal_safe(self) -> bool:
-        """Whether a token's routing depends only on that token. Capacity breaks this:
-        whether a token keeps its expert depends on the other tokens of the batch,
-        later positions included."""
-        return self.capacity_factor is None and self.eval_capacity_factor is None
+        return False  # the training assignment couples every token of the batch
+
+    @staticmethod
+    @torch.no_grad()
+    def sinkhorn(logits_TE: Tensor, max_iterations: int, tolerance: float) -> Tensor:
+        """Scale exp(logits) to rows summing to 1/T and columns to 1/E."""
+        num_tokens, num_experts = logits_TE.shape
+        matrix_TE = (logits_TE - logits_TE.max()).exp()
+        for _ in range(max_iterations):
+            matrix_TE = matrix_TE / (matrix_TE.sum(0, keepdim=True) * num_experts)
+            row_error = (matrix_TE.sum(1) * num_tokens - 1).abs().max()
+            if row_error < tolerance:
+                break
+            matrix_TE = matrix_TE / (matrix_TE.sum(1, keepdim=True) * num_tokens)
+        return matrix_TE
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
-        # Router math in fp32 whatever the compute dtype (ST-MoE, Zoph et al. 2022, sec. 3.3).
-        with torch.autocast(x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
-        probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, selected_TK = probs_TE.topk(self.k, dim=-1)
-        if self.normalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        capacity = None
-        if factor is not None:
-            capacity = expert_capacity(x_TD.shape[0], self.num_experts, self.k, factor)
-        return token_choice_routing(logits_TE, probs_TE, selected_TK, weights_TK, capacity)
+        logits_TE = router_logits(x_TD, self.gate.weight)
+        probs_TE = logits_TE.softmax(-1)
+        selection_TE = probs_TE
+        if self.training:
+            selection_TE = self.sinkhorn(logits_TE, self.max_iterations, self.tolerance)
+        return self.plan(logits_TE, probs_TE, selection_TE, probs_TE, context)
 
-    def extra_repr(self) -> str:
-        return (
-            f"experts={self.num_experts}, k={self.k}, normalize={self.normalize}, "
-            f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}"
+
+class HashRouter(nn.Module):
+    """Hash layers (Roller et al. 2021): expert(t) = π(key_t) for a fixed random balanced
+    map π from keys to experts, k = 1, weight 1. `key="token_id"` hashes token ids
+    (language models pass them); `key="position"` hashes the position in the sequence
+    (patch position for vision). Keys are taken modulo `num_buckets`."""
+
+    kind = "hash"
+    supported_losses = frozenset()
+    causal_safe = True
+
+    def __init__(self, d_model: int, num_experts: int, key: str = "token_id", num_buckets: int = 65536, seed: int = 0) -> None:
+        super().__init__()
+        check_num_experts(num_experts)
+        if key not in ("token_id", "position"):
+            raise ConfigError(f"router.key='{key}' is unknown: pick token_id or position")
+        self.num_experts, self.key, self.num_buckets = num_experts, key, num_buckets
+        shuffled = torch.randperm(num_buckets, generator=torch.Generator().manual_seed(seed))
+        table = torch.empty(num_buckets, dtype=torch.long)
+        table[shuffled] = torch.arange(num_buckets) % num_experts  # each expert gets ⌊B/E⌋ or ⌈B/E⌉ buckets
+        self.register_buffer("expert_of_bucket", table)
+
+    def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
+        if self.key == "token_id":
+            if context is None or context.token_ids_T is None:
+                raise ConfigError(
+                    "router=hash with router.key=token_id needs token ids: use it with a language model, "
+                    "or set router.key=position"
+                )
+            keys_T = context.token_ids_T.to(x_TD.device)
+        else:
+            seq_len = x_TD.shape[0] if context is None else context.seq_len
+            keys_T = torch.arange(x_TD.shape[0], device=x_TD.device) % seq_len
+        selected_T1 = self.expert_of_bucket[keys_T % self.num_buckets].unsqueeze(1)
+        probs_TE = F.one_hot(selected_T1.squeeze(1), self.num_experts).float()
+        weights_T1 = torch.ones_like(selected_T1, dtype=torch.float32)
+        return token_choice_routing(torch.zeros_like(probs_TE), probs_TE, selected_T1, weights_T1, context=context)
+
+
+class DenseRouter(nn.Module):
+    """Dense softmax gating: every expert on every token, y_t = Σ_i p_t,i f_i(x_t)."""
+
+    kind = "dense"
+    supported_losses = frozenset({"zloss", "importance", "entropy"})
+    causal_safe = True
+
+    def __init__(self, d_model: int, num_experts: int) -> None:
+        super().__init__()
+        check_num_experts(num_experts)
+        self.num_experts = num_experts
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+
+    def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
+        logits_TE = router_logits(x_TD, self.gate.weight)
+        probs_TE = logits_TE.softmax(-1)
+        every_TE = torch.arange(self.num_experts, device=x_TD.device).expand(x_TD.shape[0], -1)
+        return token_choice_routing(logits_TE, probs_TE, every_TE, probs_TE, context=context)
+
+
+class ExpertChoiceRouter(nn.Module):
+    """Expert choice (Zhou et al. 2022): S = softmax(h) over experts; each expert takes the
+    c = ⌈cf · T / E⌉ tokens with the largest S[:, i], weighted by those S values. Every
+    expert gets exactly c tokens; a token may get several experts or none (counted in
+    the plan's `unrouted_fraction`)."""
+
+    kind = "expert_choice"
+    supported_losses = frozenset({"zloss", "entropy"})
+    causal_safe = False  # which tokens an expert takes depends on the whole batch
+
+    def __init__(self, d_model: int, num_experts: int, capacity_factor: float = 1.0) -> None:
+        super().__init__()
+        check_num_experts(num_experts)
+        if capacity_factor <= 0:
+            raise ConfigError(f"router.capacity_factor={capacity_factor} must be > 0")
+        self.num_experts, self.capacity_factor = num_experts, capacity_factor
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+
+    def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
+        num_tokens = x_TD.shape[0]
+        logits_TE = router_logits(x_TD, self.gate.weight)
+        probs_TE = logits_TE.softmax(-1)
+        capacity = min(num_tokens, math.ceil(self.capacity_factor * num_tokens / self.num_experts))
+        gates_CE, tokens_CE = probs_TE.topk(capacity, dim=0)
+        sizes_E = torch.full((self.num_experts,), capacity, dtype=torch.long, device=x_TD.device)
+        return Routing(
+            token_index_N=tokens_CE.t().reshape(-1),
+            combine_weight_N=gates_CE.t().reshape(-1),
+            group_sizes_E=sizes_E,
+            tokens_per_expert_E=sizes_E,
+            router_logits_TE=logits_TE,
+            router_probs_TE=probs_TE,
+            context=context,
+        )
+
+
+class SoftMoERouter(nn.Module):
+    """Soft MoE (Puigcerver et al. 2023), per sequence X ∈ R^{m×d} and S = E·p slots:
+    logits L = scale · l2norm_rows(X) · l2norm_cols(Φ), Φ ∈ R^{d×S} learned, `scale` a
+    learned scalar (init 1); dispatch weights D = softmax of L over tokens, combine weights
+    C = softmax of L over slots; slot s goes to expert ⌊s / p⌋. `num_slots`, if given,
+    sets S (a multiple of E) in place of `slots_per_expert`."""
+
+    kind = "soft"
+    supported_losses = frozenset()
+    causal_safe = False  # every slot mixes every token of the sequence
+
+    def __init__(self, d_model: int, num_experts: int, slots_per_expert: int = 1, num_slots: int | None = None) -> None:
+        super().__init__()
+        check_num_experts(num_experts)
+        if num_slots is not None:
+            if num_slots < num_experts or num_slots % num_experts:
+                raise ConfigError(f"router.num_slots={num_slots} must be a positive multiple of experts={num_experts}")
+            slots_per_expert = num_slots // num_experts
+        if slots_per_expert < 1:
+            raise ConfigError(f"router.slots_per_expert={slots_per_expert} must be >= 1")
+        self.num_experts, self.slots_per_expert = num_experts, slots_per_expert
+        self.slot_embeddings_DS = nn.Parameter(torch.randn(d_model, num_experts * slots_per_expert) * d_model**-0.5)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> SoftRouting:
+        num_sequences = 1 if context is None else context.num_sequences
+        x_BMD = x_TD.float().reshape(num_sequences, -1, x_TD.shape[-1])
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_BMS = self.scale * torch.einsum(
+                "bmd,ds->bms", F.normalize(x_BMD, dim=-1), F.normalize(self.slot_embeddings_DS.float(), dim=0)
+            )
+        return SoftRouting(
+            dispatch_BMS=logits_BMS.softmax(dim=1),
+            combine_BMS=logits_BMS.softmax(dim=2),
+            num_experts=self.num_experts,
+            context=context,
         )

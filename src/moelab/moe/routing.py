@@ -50,9 +50,13 @@ class Routing:
     router_logits_TE:    raw router logits h, fp32.
     router_probs_TE:     router probabilities p (softmax of h, or the router's scores), fp32.
     selected_experts_TK: the experts each token chose before any capacity drop
-                         (token-choice routers; None for expert-choice and slot routers).
-    kept_TK:             which choices survived capacity (None: all kept).
+                         (token-choice routers; None for expert-choice routers).
+    gates_TK:            the routing weights of those choices before any drop.
+    kept_TK:             which choices were processed (None: all were); capacity drops
+                         and GShard's random second-expert drops are not.
     valid_N:             which grouped rows are real (None: all are).
+    load_estimate_E:     differentiable expected load (noisy top-k's estimator), if any.
+    context:             the (B, L) shape and ids the tokens came from.
     """
 
     token_index_N: Tensor
@@ -62,8 +66,11 @@ class Routing:
     router_logits_TE: Tensor
     router_probs_TE: Tensor
     selected_experts_TK: Tensor | None = None
+    gates_TK: Tensor | None = None
     kept_TK: Tensor | None = None
     valid_N: Tensor | None = None
+    load_estimate_E: Tensor | None = None
+    context: RoutingContext | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -116,8 +123,6 @@ class Routing:
         router_entropy: mean over tokens of −Σ_i p_i log p_i.
         """
         probs = self.router_probs_TE.detach()
-        probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-20)
-        entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
         reached_T = self.expert_share_TE().sum(-1) > 0
         dropped = torch.zeros((), device=probs.device)
         if self.kept_TK is not None:
@@ -126,5 +131,87 @@ class Routing:
             "tokens_per_expert": self.tokens_per_expert_E.detach(),
             "unrouted_fraction": 1.0 - reached_T.float().mean(),
             "dropped_fraction": dropped,
-            "router_entropy": entropy,
+            "router_entropy": _entropy(probs),
+        }
+
+
+def _entropy(probs_TE: Tensor) -> Tensor:
+    probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    return -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
+
+
+@dataclass
+class SoftRouting:
+    """Soft MoE plan (Puigcerver et al. 2023): every slot is a weighted mix of all tokens of
+    one sequence, and every token's output a weighted mix of all slots' outputs.
+
+    Shapes: B sequences of M tokens (T = B·M), E experts with P slots each (S = E·P).
+    Grouped rows are ordered (expert, sequence, slot): expert e gets B·P rows.
+
+    dispatch_BMS: softmax over tokens (dim 1) of the slot logits: columns sum to 1.
+    combine_BMS:  softmax over slots (dim 2) of the same logits: rows sum to 1.
+    """
+
+    dispatch_BMS: Tensor
+    combine_BMS: Tensor
+    num_experts: int
+    context: RoutingContext | None = None
+    selected_experts_TK = None
+    kept_TK = None
+    load_estimate_E = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.dispatch_BMS.shape[0] * self.dispatch_BMS.shape[1]
+
+    @property
+    def slots_per_expert(self) -> int:
+        return self.dispatch_BMS.shape[2] // self.num_experts
+
+    @property
+    def top_k(self) -> None:
+        return None
+
+    @property
+    def group_sizes_E(self) -> Tensor:
+        rows = self.dispatch_BMS.shape[0] * self.slots_per_expert
+        return torch.full((self.num_experts,), rows, dtype=torch.long, device=self.dispatch_BMS.device)
+
+    @property
+    def tokens_per_expert_E(self) -> Tensor:
+        """Slots per expert (every slot mixes all tokens of its sequence)."""
+        return self.group_sizes_E
+
+    @property
+    def router_probs_TE(self) -> Tensor:
+        """Each token's combine weight summed over each expert's slots: a distribution over experts."""
+        B, M, S = self.combine_BMS.shape
+        return self.combine_BMS.reshape(B * M, self.num_experts, S // self.num_experts).sum(-1)
+
+    def dispatch(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
+        B, M, S = self.dispatch_BMS.shape
+        x_BMD = x_TD.reshape(B, M, -1)
+        slots_BSD = torch.einsum("bms,bmd->bsd", self.dispatch_BMS.to(x_BMD.dtype), x_BMD)
+        slots_EBPD = slots_BSD.reshape(B, self.num_experts, self.slots_per_expert, -1).transpose(0, 1)
+        return slots_EBPD.reshape(B * S, -1), self.group_sizes_E
+
+    def combine(self, y_ND: Tensor) -> Tensor:
+        B, M, S = self.combine_BMS.shape
+        y_BSD = y_ND.reshape(self.num_experts, B, self.slots_per_expert, -1).transpose(0, 1).reshape(B, S, -1)
+        return torch.einsum("bms,bsd->bmd", self.combine_BMS.to(y_BSD.dtype), y_BSD).reshape(B * M, -1)
+
+    @torch.no_grad()
+    def expert_share_TE(self) -> Tensor:
+        """Each token's dispatch weight summed over each expert's slots."""
+        B, M, S = self.dispatch_BMS.shape
+        return self.dispatch_BMS.reshape(B * M, self.num_experts, S // self.num_experts).sum(-1).float()
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, Tensor]:
+        zero = torch.zeros((), device=self.dispatch_BMS.device)
+        return {
+            "tokens_per_expert": self.tokens_per_expert_E,
+            "unrouted_fraction": zero,
+            "dropped_fraction": zero,
+            "router_entropy": _entropy(self.router_probs_TE.detach().float()),
         }

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import lightning as L
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from moelab.moe.layer import collect_aux_losses
-from moelab.tasks.optim import adamw_param_groups, warmup_cosine
+from moelab.tasks.base import MoETask
 
 
-class ImageClassification(L.LightningModule):
+class ImageClassification(MoETask):
     """Logs `train/loss`, `train/ce`, `train/aux/<name>` (mean over MoE layers, unweighted),
     `train/acc`, `val/loss`, `val/acc`, `test/loss`, `test/acc`."""
 
@@ -40,11 +37,9 @@ class ImageClassification(L.LightningModule):
         images, labels = batch
         logits = self(images)
         ce = F.cross_entropy(logits, labels)
-        aux_total, aux_by_name = collect_aux_losses(self.model)
-        loss = ce if aux_total is None else ce + aux_total
+        loss = self.add_aux_losses(ce)
         self.train_acc(logits, labels)
         self.log_dict({"train/loss": loss, "train/ce": ce, "train/acc": self.train_acc}, prog_bar=True)
-        self.log_dict({f"train/aux/{name}": value for name, value in aux_by_name.items()})
         return loss
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
@@ -59,10 +54,3 @@ class ImageClassification(L.LightningModule):
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_acc)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(adamw_param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = warmup_cosine(optimizer, min(hp.warmup_steps, total_steps), total_steps, hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
