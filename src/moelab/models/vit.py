@@ -8,6 +8,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from moelab.models.placement import moe_layer_indices
+from moelab.moe.errors import ConfigError
 from moelab.moe.layer import MoELayer
 
 
@@ -63,6 +64,8 @@ class MoEViT(nn.Module):
                 aux_loss_weights=aux_loss_weights,
                 layer_index=i,
             )
+            if getattr(self.vit.blocks[i].mlp.router, "needs_token_ids", False):
+                raise ConfigError("images have no token ids: use router=hash with router.key=position on the ViT")
 
     def forward(self, images: Tensor) -> Tensor:
         return self.vit(images)

@@ -382,6 +382,10 @@ class HashRouter(nn.Module):
         table[shuffled] = torch.arange(num_buckets) % num_experts  # each expert gets ⌊B/E⌋ or ⌈B/E⌉ buckets
         self.register_buffer("expert_of_bucket", table)
 
+    @property
+    def needs_token_ids(self) -> bool:
+        return self.key == "token_id"
+
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
         if self.key == "token_id":
             if context is None or context.token_ids_T is None:
