@@ -129,3 +129,39 @@ def test_capacity_prefers_first_choices_over_second_choices():
 def test_expert_capacity_formula():
     assert expert_capacity(100, 8, 2, 1.25) == math.ceil(1.25 * 2 * 100 / 8)
     assert expert_capacity(10, 3, 1, 1.0) == 4
+
+
+def test_geglu_and_shared_experts_match_loops():
+    experts = GroupedExperts(d_model=8, hidden=32, num_experts=2, activation="geglu", granularity=2, num_shared=1)
+    assert experts.num_experts == 4 and experts.hidden == 16
+    sizes = torch.tensor([2, 0, 3, 1])
+    x = torch.randn(6, 8)
+    bounds = [0, 2, 2, 5, 6]
+    want = torch.cat(
+        [
+            (F.gelu(x[a:b] @ experts.w1_EDF[e]) * (x[a:b] @ experts.w3_EDF[e])) @ experts.w2_EFD[e]
+            for e, (a, b) in enumerate(zip(bounds, bounds[1:]))
+        ]
+    )
+    torch.testing.assert_close(experts(x, sizes), want, atol=1e-5, rtol=1e-5)
+    shared = (F.gelu(x @ experts.shared_w1_DH) * (x @ experts.shared_w3_DH)) @ experts.shared_w2_HD
+    torch.testing.assert_close(experts.shared(x), shared)
+
+
+def test_shared_experts_are_added_to_every_token():
+    from functools import partial
+
+    from moelab.moe import MoELayer
+
+    layer = MoELayer(8, 16, partial(TopKRouter, k=1, normalize=False), partial(GroupedExperts, num_experts=4, num_shared=2))
+    x = torch.randn(5, 8)
+    routed, _ = reference_moe(layer.router, layer.experts, x)
+    torch.testing.assert_close(layer(x), routed + layer.experts.shared(x), atol=1e-5, rtol=1e-5)
+
+
+def test_expert_dropout_only_in_training():
+    experts = GroupedExperts(d_model=8, hidden=16, num_experts=2, dropout=0.5)
+    x, sizes = torch.randn(6, 8), torch.tensor([3, 3])
+    assert not torch.allclose(experts(x, sizes), experts(x, sizes))
+    experts.eval()
+    torch.testing.assert_close(experts(x, sizes), experts(x, sizes))

@@ -73,3 +73,57 @@ def test_z_loss_matches_formula():
     plan = plan_from(logits, logits.topk(1, dim=-1).indices)
     want = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / 20
     assert z_loss(plan).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_importance_is_cv_squared_of_gate_sums():
+    from moelab.moe.losses import importance_loss
+
+    logits = torch.randn(30, 5)
+    probs = logits.softmax(-1)
+    selected = logits.topk(2, dim=-1).indices
+    gates = probs.gather(1, selected)
+    plan = token_choice_routing(logits, probs, selected, gates)
+    imp = [0.0] * 5
+    for t in range(30):
+        for j in range(2):
+            imp[selected[t, j]] += gates[t, j].item()
+    mean = sum(imp) / 5
+    var = sum((v - mean) ** 2 for v in imp) / 5
+    assert importance_loss(plan).item() == pytest.approx(var / mean**2, rel=1e-5)
+
+
+def test_load_loss_is_cv_squared_of_the_estimate():
+    from moelab.moe.losses import load_loss
+
+    logits = torch.randn(8, 4)
+    probs = logits.softmax(-1)
+    selected = logits.topk(1, dim=-1).indices
+    estimate = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    plan = token_choice_routing(logits, probs, selected, probs.gather(1, selected), load_estimate_E=estimate)
+    assert load_loss(plan).item() == pytest.approx(((1 - 3) ** 2 + 1 + 0 + 9) / 4 / 9, rel=1e-6)
+
+
+def test_seq_balance_averages_per_sequence_balance():
+    from moelab.moe.losses import seq_balance_loss
+    from moelab.moe.routing import RoutingContext
+
+    B, L, E = 3, 10, 4
+    logits = torch.randn(B * L, E)
+    selected = logits.topk(2, dim=-1).indices
+    probs = logits.softmax(-1)
+    plan = token_choice_routing(
+        logits, probs, selected, probs.gather(1, selected), context=RoutingContext(num_sequences=B, seq_len=L)
+    )
+    per_sequence = [reference_balance(logits[b * L : (b + 1) * L], selected[b * L : (b + 1) * L]) for b in range(B)]
+    assert seq_balance_loss(plan).item() == pytest.approx(sum(per_sequence) / B, rel=1e-5)
+    assert seq_balance_loss(plan).item() != pytest.approx(balance_loss(plan).item(), rel=1e-3)
+
+
+def test_entropy_loss():
+    from moelab.moe.losses import entropy_loss
+
+    logits = torch.randn(6, 3)
+    plan = plan_from(logits, logits.topk(1, dim=-1).indices)
+    probs = logits.softmax(-1).tolist()
+    want = sum(-sum(p * math.log(p) for p in row) for row in probs) / 6
+    assert entropy_loss(plan).item() == pytest.approx(want, rel=1e-5)
