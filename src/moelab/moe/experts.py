@@ -6,11 +6,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from moelab.moe.dispatch import grouped_mm
 from moelab.moe.errors import ConfigError, check_num_experts
 
 ACTIVATIONS = ("gelu", "swiglu", "geglu")
+
+
+def local_part(weight: Tensor) -> Tensor:
+    """This rank's experts of a weight stack: the local shard of a DTensor split over an
+    expert-parallel mesh (see moelab.parallel), or the tensor itself."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 def _activate(activation: str, h_NF: Tensor, gate_NF: Tensor | None) -> Tensor:
@@ -88,11 +95,15 @@ class GroupedExperts(nn.Module):
             nn.init.normal_(self.shared_w2_HD, std=self.shared_w2_HD.shape[0] ** -0.5)
 
     def forward(self, x_ND: Tensor, group_sizes_E: Tensor) -> Tensor:
-        """Routed experts on grouped rows."""
+        """Routed experts on grouped rows (under expert parallelism: this rank's experts)."""
         offsets_E = torch.cumsum(group_sizes_E, 0, dtype=torch.int32)
-        h_NF = grouped_mm(x_ND, self.w1_EDF, offsets_E)
-        gate_NF = None if self.w3_EDF is None else grouped_mm(x_ND, self.w3_EDF, offsets_E)
-        return grouped_mm(self.dropout(_activate(self.activation, h_NF, gate_NF)), self.w2_EFD, offsets_E)
+        h_NF = grouped_mm(x_ND, local_part(self.w1_EDF), offsets_E)
+        gate_NF = None if self.w3_EDF is None else grouped_mm(x_ND, local_part(self.w3_EDF), offsets_E)
+        return grouped_mm(self.dropout(_activate(self.activation, h_NF, gate_NF)), local_part(self.w2_EFD), offsets_E)
+
+    def expert_weights(self) -> dict[str, nn.Parameter]:
+        """The (E, …) weight stacks, by attribute name: what expert parallelism splits."""
+        return {name: w for name in ("w1_EDF", "w3_EDF", "w2_EFD") if (w := getattr(self, name)) is not None}
 
     def shared(self, x_TD: Tensor) -> Tensor | None:
         """The shared experts on every token (None without shared experts)."""

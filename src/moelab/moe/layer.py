@@ -65,6 +65,8 @@ class MoELayer(nn.Module):
             )
         self.aux_loss_weights = {name: w for name, w in weights.items() if name in supported}
         self.layer_index = layer_index
+        # Set by moelab.parallel to move grouped tokens to the ranks owning their experts.
+        self.expert_exchange: Callable[[Tensor, Tensor, nn.Module], Tensor] | None = None
         self.aux_losses: dict[str, Tensor] = {}
         self.aux_loss: Tensor | None = None
         self.last_plan: Routing | None = None
@@ -83,7 +85,11 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, x.shape[-1])
         plan = self.router(x_TD, RoutingContext.for_input(x, token_ids))
         x_ND, group_sizes_E = plan.dispatch(x_TD)
-        y_TD = plan.combine(self.experts(x_ND, group_sizes_E))
+        if self.expert_exchange is None:
+            y_ND = self.experts(x_ND, group_sizes_E)
+        else:
+            y_ND = self.expert_exchange(x_ND, group_sizes_E, self.experts)
+        y_TD = plan.combine(y_ND)
         shared_TD = self.experts.shared(x_TD) if hasattr(self.experts, "shared") else None
         if shared_TD is not None:
             y_TD = y_TD + shared_TD
