@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from moelab.moe.errors import ConfigError
 
@@ -82,7 +86,36 @@ def run(cfg: DictConfig) -> float | None:
         raise SystemExit(f"moelab: error: {user_error}") from None
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Cross-group mistakes no single component can see."""
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    if cfg.get("ep", 1) != 1 and not target.endswith("FSDPExpertParallelStrategy"):
+        raise ConfigError(f"ep={cfg.ep} needs an expert-parallel trainer: add trainer=fsdp_ep")
+
+
+def relaunch_as_single_run() -> None:
+    """Make Lightning's per-rank relaunch of this script work inside a Hydra multirun.
+
+    Lightning starts ranks 1..N-1 by re-running `sys.argv` with `hydra.run.dir` set to
+    this job's run dir. In a multirun, argv holds the whole sweep (and `-m`) and run.dir
+    is not the job's folder, so every rank would start a sweep of its own (hydra#2070,
+    Lightning#11300). Rewrite both so the relaunch is a single run of this job's
+    overrides in this job's folder.
+    """
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+    with read_write(hydra_cfg), open_dict(hydra_cfg):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+
+
 def _run(cfg: DictConfig) -> float | None:
+    check_config(cfg)
+    relaunch_as_single_run()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, task, trainer = build(cfg)
     output_dir = Path(cfg.paths.output_dir)
@@ -96,6 +129,9 @@ def _run(cfg: DictConfig) -> float | None:
         for result in results:
             metrics.update(_floats(result))
     write_metrics(metrics, output_dir / "metrics.json")
+    if dist.is_available() and dist.is_initialized():
+        # The next job of a multirun starts its own process group.
+        dist.destroy_process_group()
 
     name = cfg.get("optimized_metric")
     if name and name not in metrics:

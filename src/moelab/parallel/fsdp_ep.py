@@ -9,6 +9,7 @@ whole expert stacks and load into any ep / dp layout.
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -87,3 +88,24 @@ def expert_parameter_bytes(model: nn.Module) -> int:
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm of parameters sharded over different meshes.
+
+    torch's clip_grad_norm_ cannot stack norms of DTensors on different meshes (experts
+    on (dp, ep), the rest on all ranks). FSDP2 shards are disjoint across ranks, so the
+    global squared norm is the sum over ranks of each rank's local squared norms.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    local_sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    for grad in grads:
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        local_sq = local_sq + local.float().square().sum()
+    if is_distributed():
+        dist.all_reduce(local_sq)
+    total = local_sq.sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(scale.to(grad.dtype))
+    return total

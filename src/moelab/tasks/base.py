@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.moe.layer import after_optimizer_step, collect_aux_losses
+from moelab.parallel.fsdp_ep import clip_grad_norm_, parallelize
 from moelab.tasks.optim import adamw_param_groups, warmup_cosine
 
 
@@ -16,6 +17,20 @@ class MoETask(L.LightningModule):
     `weight_decay`, `betas`, `warmup_steps`, `min_lr_ratio`, and call `add_aux_losses`."""
 
     model: nn.Module
+
+    def configure_model(self) -> None:
+        """Under FSDPExpertParallelStrategy: split experts over ep and shard with FSDP2
+        (idempotent; a no-op for single-device and DDP runs, which have no mesh)."""
+        if self.device_mesh is not None:
+            parallelize(self.model, self.device_mesh)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Sharded runs clip with a norm that spans the expert and dense meshes."""
+        if self.device_mesh is None or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError("sharded MoE runs clip by norm only: set trainer.gradient_clip_algorithm=norm")
+        clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
 
     def add_aux_losses(self, task_loss: Tensor) -> Tensor:
         """task loss + Σ weighted aux losses of every MoE layer; logs each aux loss by name
