@@ -144,8 +144,10 @@ def test_geglu_and_shared_experts_match_loops():
         ]
     )
     torch.testing.assert_close(experts(x, sizes), want, atol=1e-5, rtol=1e-5)
-    shared = (F.gelu(x @ experts.shared_w1_DH) * (x @ experts.shared_w3_DH)) @ experts.shared_w2_HD
-    torch.testing.assert_close(experts.shared(x), shared)
+    shared_experts = experts.make_shared_experts()
+    assert shared_experts.w1_DH.shape == (8, 16)
+    shared = (F.gelu(x @ shared_experts.w1_DH) * (x @ shared_experts.w3_DH)) @ shared_experts.w2_HD
+    torch.testing.assert_close(shared_experts(x), shared)
 
 
 def test_shared_experts_are_added_to_every_token():
@@ -156,7 +158,8 @@ def test_shared_experts_are_added_to_every_token():
     layer = MoELayer(8, 16, partial(TopKRouter, k=1, normalize=False), partial(GroupedExperts, num_experts=4, num_shared=2))
     x = torch.randn(5, 8)
     routed, _ = reference_moe(layer.router, layer.experts, x)
-    torch.testing.assert_close(layer(x), routed + layer.experts.shared(x), atol=1e-5, rtol=1e-5)
+    assert layer.shared_experts.w1_DH.shape == (8, 2 * 16)
+    torch.testing.assert_close(layer(x), routed + layer.shared_experts(x), atol=1e-5, rtol=1e-5)
 
 
 def test_expert_dropout_only_in_training():

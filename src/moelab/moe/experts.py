@@ -78,21 +78,15 @@ class GroupedExperts(nn.Module):
         self.w1_EDF = nn.Parameter(torch.empty(E, d_model, fine_hidden))
         self.w3_EDF = nn.Parameter(torch.empty(E, d_model, fine_hidden)) if gated else None
         self.w2_EFD = nn.Parameter(torch.empty(E, fine_hidden, d_model))
-        shared_hidden = num_shared * fine_hidden
-        self.shared_w1_DH = nn.Parameter(torch.empty(d_model, shared_hidden)) if num_shared else None
-        self.shared_w3_DH = nn.Parameter(torch.empty(d_model, shared_hidden)) if num_shared and gated else None
-        self.shared_w2_HD = nn.Parameter(torch.empty(shared_hidden, d_model)) if num_shared else None
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # Each expert is initialised like a dense layer of its own fan-in.
-        for w in (self.w1_EDF, self.w3_EDF, self.shared_w1_DH, self.shared_w3_DH):
+        for w in (self.w1_EDF, self.w3_EDF):
             if w is not None:
                 nn.init.normal_(w, std=self.d_model**-0.5)
         nn.init.normal_(self.w2_EFD, std=self.hidden**-0.5)
-        if self.shared_w2_HD is not None:
-            nn.init.normal_(self.shared_w2_HD, std=self.shared_w2_HD.shape[0] ** -0.5)
 
     def forward(self, x_ND: Tensor, group_sizes_E: Tensor) -> Tensor:
         """Routed experts on grouped rows (under expert parallelism: this rank's experts)."""
@@ -105,16 +99,32 @@ class GroupedExperts(nn.Module):
         """The (E, …) weight stacks, by attribute name: what expert parallelism splits."""
         return {name: w for name in ("w1_EDF", "w3_EDF", "w2_EFD") if (w := getattr(self, name)) is not None}
 
-    def shared(self, x_TD: Tensor) -> Tensor | None:
-        """The shared experts on every token (None without shared experts)."""
-        if self.shared_w1_DH is None:
+    def make_shared_experts(self) -> "SharedExperts | None":
+        """The always-on shared experts this config asks for (a separate dense module, so
+        sharding treats them like any dense layer), or None."""
+        if not self.num_shared:
             return None
-        gate_TH = None if self.shared_w3_DH is None else x_TD @ self.shared_w3_DH.to(x_TD.dtype)
-        h_TH = _activate(self.activation, x_TD @ self.shared_w1_DH.to(x_TD.dtype), gate_TH)
-        return self.dropout(h_TH) @ self.shared_w2_HD.to(x_TD.dtype)
+        return SharedExperts(self.d_model, self.num_shared * self.hidden, self.activation, self.dropout.p)
 
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, activation={self.activation}, "
             f"granularity={self.granularity}, num_shared={self.num_shared}"
         )
+
+
+class SharedExperts(nn.Module):
+    """Shared experts (DeepSeekMoE, Dai et al. 2024): n always-on experts of hidden size F,
+    computed together as one dense FFN of hidden n·F on every token."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str = "gelu", dropout: float = 0.0) -> None:
+        super().__init__()
+        self.activation = activation
+        self.w1_DH = nn.Parameter(torch.randn(d_model, hidden) * d_model**-0.5)
+        self.w3_DH = nn.Parameter(torch.randn(d_model, hidden) * d_model**-0.5) if activation != "gelu" else None
+        self.w2_HD = nn.Parameter(torch.randn(hidden, d_model) * hidden**-0.5)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        gate_TH = None if self.w3_DH is None else x_TD @ self.w3_DH
+        return self.dropout(_activate(self.activation, x_TD @ self.w1_DH, gate_TH)) @ self.w2_HD

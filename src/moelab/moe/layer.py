@@ -40,6 +40,8 @@ class MoELayer(nn.Module):
     ) -> None:
         super().__init__()
         self.experts = experts(d_model=d_model, hidden=hidden)
+        make_shared = getattr(self.experts, "make_shared_experts", None)
+        self.shared_experts = make_shared() if make_shared else None
         router_overrides = {"num_experts": self.experts.num_experts}
         granularity = getattr(self.experts, "granularity", 1)
         factory_k = getattr(router, "keywords", {}).get("k")
@@ -90,9 +92,8 @@ class MoELayer(nn.Module):
         else:
             y_ND = self.expert_exchange(x_ND, group_sizes_E, self.experts)
         y_TD = plan.combine(y_ND)
-        shared_TD = self.experts.shared(x_TD) if hasattr(self.experts, "shared") else None
-        if shared_TD is not None:
-            y_TD = y_TD + shared_TD
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
         self.last_plan = plan
         if self.training:
             self.aux_losses = {name: AUX_LOSSES[name](plan) for name in self.aux_loss_weights}

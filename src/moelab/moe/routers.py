@@ -250,7 +250,7 @@ class CosineRouter(TokenChoiceRouter):
             raise ConfigError("router.init_temperature and router.min_temperature must be > 0")
         self.project = nn.Linear(d_model, dim, bias=False)
         self.expert_embeddings = nn.Parameter(torch.randn(num_experts, dim) * dim**-0.5)
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(init_temperature)))
+        self.log_temperature = nn.Parameter(torch.tensor([math.log(init_temperature)]))  # 1-D: FSDP shards no scalars
         self.min_log_temperature = math.log(min_temperature)
 
     @property
@@ -483,7 +483,7 @@ class SoftMoERouter(nn.Module):
             raise ConfigError(f"router.slots_per_expert={slots_per_expert} must be >= 1")
         self.num_experts, self.slots_per_expert = num_experts, slots_per_expert
         self.slot_embeddings_DS = nn.Parameter(torch.randn(d_model, num_experts * slots_per_expert) * d_model**-0.5)
-        self.scale = nn.Parameter(torch.ones(()))
+        self.scale = nn.Parameter(torch.ones(1))  # 1-D: FSDP shards no scalars
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> SoftRouting:
         num_sequences = 1 if context is None else context.num_sequences

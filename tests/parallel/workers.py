@@ -1,0 +1,122 @@
+"""Process bodies for the multi-rank tests (importable by spawned processes)."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+from moelab.moe import GroupedExperts, MoELayer
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+ROUTERS = sorted(p.stem for p in (CONF / "router").glob("*.yaml"))
+D, EXPERTS, B, L = 16, 4, 8, 6  # B sequences of L tokens in the global batch
+LOSSES = {"balance": 0.01, "zloss": 0.001}
+
+
+class TinyMoE(nn.Module):
+    """A projection and one MoE layer (with a shared expert): dense and expert weights both."""
+
+    def __init__(self, router: str) -> None:
+        super().__init__()
+        router_factory = instantiate(OmegaConf.load(CONF / "router" / f"{router}.yaml"))
+        self.proj = nn.Linear(D, D)
+        self.moe = MoELayer(D, 32, router_factory, partial(GroupedExperts, num_experts=EXPERTS, num_shared=1), LOSSES)
+
+    def forward(self, x_BLD: torch.Tensor, ids_BL: torch.Tensor) -> torch.Tensor:
+        return self.moe(self.proj(x_BLD), token_ids=ids_BL)
+
+
+def make_model(router: str, seed: int = 0) -> TinyMoE:
+    torch.manual_seed(seed)
+    return TinyMoE(router)
+
+
+def forward_loss(model: TinyMoE, x_BLD: torch.Tensor, ids_BL: torch.Tensor, noise_seed: int) -> torch.Tensor:
+    torch.manual_seed(noise_seed)  # routers that draw noise draw the same noise per chunk
+    return model(x_BLD, ids_BL).square().mean() + model.moe.aux_loss
+
+
+def global_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(B, L, D, generator=generator), torch.randint(0, 50, (B, L), generator=generator)
+
+
+def reference(router: str, world: int) -> tuple[float, dict[str, torch.Tensor]]:
+    """One process, the same global batch split into the ranks' chunks: mean loss, grads."""
+    model = make_model(router)
+    x, ids = global_batch()
+    losses = [forward_loss(model, xc, ic, 100 + r) for r, (xc, ic) in enumerate(zip(x.chunk(world), ids.chunk(world)))]
+    loss = sum(losses) / world
+    loss.backward()
+    return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def init(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def numerics_worker(rank: int, world: int, ep: int, port: int, out: str, save_dir: str | None) -> None:
+    """Every router: loss and full gradients of one FSDP+EP step; optionally save a checkpoint."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from moelab.parallel.fsdp_ep import build_mesh, expert_parameter_bytes, parallelize
+
+    init(rank, world, port)
+    mesh = build_mesh("cpu", world, ep)
+    x, ids = global_batch()
+    results = {}
+    for router in ROUTERS:
+        model = make_model(router)
+        parallelize(model, mesh)
+        loss = forward_loss(model, x.chunk(world)[rank], ids.chunk(world)[rank], 100 + rank)
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss)
+        grads = {name: full(p.grad).clone() for name, p in model.named_parameters()}
+        results[router] = (mean_loss.item() / world, grads)
+        if router == "topk":
+            results["expert_bytes"] = expert_parameter_bytes(model)
+            if save_dir:
+                torch.optim.SGD(model.parameters(), lr=0.5).step()  # weights that differ from init
+                dcp.save({"state_dict": get_model_state_dict(model)}, checkpoint_id=save_dir)
+                y = model(x.chunk(world)[rank], ids.chunk(world)[rank])
+                outputs = [torch.empty_like(y) for _ in range(world)]
+                dist.all_gather(outputs, y.detach())
+                results["outputs"] = torch.cat(outputs)
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def load_worker(rank: int, world: int, ep: int, port: int, out: str, checkpoint: str) -> None:
+    """Load the topk checkpoint into a (world, ep) layout and record the outputs on the global batch."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from moelab.parallel.fsdp_ep import build_mesh, parallelize
+
+    init(rank, world, port)
+    model = parallelize(make_model("topk", seed=123), build_mesh("cpu", world, ep))  # other init: must be overwritten
+    state = {"state_dict": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=checkpoint)
+    set_model_state_dict(model, state["state_dict"])
+    x, ids = global_batch()
+    y = model(x.chunk(world)[rank], ids.chunk(world)[rank])
+    outputs = [torch.empty_like(y) for _ in range(world)]
+    dist.all_gather(outputs, y.detach())
+    if rank == 0:
+        torch.save(torch.cat(outputs), out)
+    dist.destroy_process_group()
