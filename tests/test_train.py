@@ -23,8 +23,10 @@ FAST = ("trainer=debug", "trainer.limit_train_batches=3", "trainer.limit_val_bat
 
 def train_cli(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    flags = [o for o in overrides if o.startswith("-")]  # e.g. -m must precede the overrides
+    overrides = tuple(o for o in overrides if not o.startswith("-"))
     return subprocess.run(
-        [sys.executable, "train.py", f"hydra.run.dir={run_dir}", *overrides],
+        [sys.executable, "train.py", *flags, f"hydra.run.dir={run_dir}", *overrides],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
     )
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +115,33 @@ def relaunch_as_single_run() -> None:
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
 
 
+# What Lightning's launcher writes into this process's environment when it starts ranks.
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def restored_launcher_env():
+    """Undo the launcher's environment after a job: with LOCAL_RANK left behind, the next
+    job of a multirun would believe its ranks were started externally and wait forever."""
+    saved = {key: os.environ.get(key) for key in LAUNCHER_ENV}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _run(cfg: DictConfig) -> float | None:
     check_config(cfg)
     relaunch_as_single_run()
+    with restored_launcher_env():
+        return _fit_and_test(cfg)
+
+
+def _fit_and_test(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, task, trainer = build(cfg)
     output_dir = Path(cfg.paths.output_dir)
