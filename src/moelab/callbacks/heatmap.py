@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -14,13 +15,14 @@ DPI = 80
 def heatmap_size(num_rows: int, num_cols: int) -> tuple[int, int]:
     """(height, width) in pixels of the image `render_heatmap` makes for a rows × cols matrix."""
     width_in, height_in = _figure_inches(num_rows, num_cols)
-    return round(height_in * DPI), round(width_in * DPI)
+    return int(height_in * DPI), int(width_in * DPI)
 
 
 def _figure_inches(num_rows: int, num_cols: int) -> tuple[float, float]:
+    """Figure size in whole quarter inches (exact in binary, so inches × DPI is an exact pixel count)."""
     width = min(16.0, max(5.0, 2.5 + 0.3 * num_cols))
     height = min(12.0, max(3.5, 1.5 + 0.22 * num_rows))
-    return width, height
+    return math.ceil(width * 4) / 4, math.ceil(height * 4) / 4
 
 
 def column_shares(counts_RC: Tensor) -> Tensor:
