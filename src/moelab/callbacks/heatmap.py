@@ -53,7 +53,7 @@ def render_heatmap(
     axes = figure.add_subplot()
     vmax = float(values.max()) if values.size and values.max() > 0 else 1.0
     image = axes.imshow(values, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
-    figure.colorbar(image, ax=axes, label=colorbar_label)
+    figure.colorbar(image, ax=axes, label=colorbar_label, fraction=0.06, pad=0.03)
     axes.set_title(title, fontsize=10)
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
@@ -61,7 +61,9 @@ def render_heatmap(
         axes.set_xticks(range(num_cols), col_labels, fontsize=8)
     if row_labels is not None and num_rows <= 32:
         axes.set_yticks(range(num_rows), row_labels, fontsize=8)
-    figure.tight_layout()
+    # Fixed margins in inches (tight_layout would cost a second layout pass, ~1/3 of the render).
+    width_in, height_in = figure.get_size_inches()
+    figure.subplots_adjust(left=1.3 / width_in, right=1 - 0.75 / width_in, bottom=0.6 / height_in, top=1 - 0.4 / height_in)
     canvas.draw()
     rgba = np.asarray(canvas.buffer_rgba())
     return np.ascontiguousarray(rgba[..., :3].transpose(2, 0, 1))
