@@ -3,6 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
+import moelab.sweep  # noqa: F401 - registers ${moelab.run_version:} before Hydra resolves anything (light: no torch)
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:

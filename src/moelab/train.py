@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from moelab.moe.errors import ConfigError
+from moelab.sweep import run_version  # noqa: F401 - registers ${moelab.run_version:} for the logger config
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,94 @@
+"""Dead-expert / collapse alarm: warn (and optionally stop) when experts stop getting tokens."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from moelab.callbacks.common import check_every_n, indexed_moe_layers, is_logging_step, log_scalars
+from moelab.callbacks.tags import DEAD_EXPERTS, layer_scalar_tag
+from moelab.moe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class ExpertCollapseAlarm(L.Callback):
+    """An expert is dead when it gets under `min_fair_share` of its fair share of a layer's
+    routed tokens (fair share = 1/E of them) on `patience` logging steps in a row.
+
+    On every logging step: `moe/layer<i>/dead_experts` (how many are dead now). When an
+    expert first becomes dead: a warning naming the layer and experts. With
+    `stop_on_collapse`, the first dead expert stops training (after the current step; the
+    test stage still runs). Counts are each rank's own tokens; the stop decision is shared
+    by all ranks (any rank that sees a collapse stops them all).
+    """
+
+    def __init__(
+        self,
+        min_fair_share: float = 0.1,
+        patience: int = 5,
+        every_n_steps: int | None = None,
+        stop_on_collapse: bool = False,
+    ) -> None:
+        if not 0.0 < min_fair_share <= 1.0:
+            raise ConfigError(f"callbacks.collapse_alarm.min_fair_share={min_fair_share} must be in (0, 1]")
+        if patience < 1:
+            raise ConfigError(f"callbacks.collapse_alarm.patience={patience} must be >= 1")
+        self.min_fair_share = min_fair_share
+        self.patience = patience
+        self.every_n_steps = check_every_n("callbacks.collapse_alarm.every_n_steps", every_n_steps)
+        self.stop_on_collapse = stop_on_collapse
+        self._streak: dict[int, torch.Tensor] = {}  # layer -> consecutive low logging steps per expert
+        self._warned: dict[int, torch.Tensor] = {}
+        self._last_step = -1
+        self.dead_experts: dict[int, list[int]] = {}  # layer -> dead experts at the last logging step
+        self.stopped = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not is_logging_step(trainer, self.every_n_steps):
+            return
+        self._last_step = step
+        scalars: dict[str, float] = {}
+        newly_dead: list[str] = []
+        for index, layer in indexed_moe_layers(pl_module):
+            if layer.last_plan is None:
+                continue
+            counts_E = layer.last_plan.tokens_per_expert_E.detach().double().cpu()
+            share_E = counts_E / counts_E.sum().clamp_min(1e-12)
+            low_E = share_E < self.min_fair_share / len(counts_E)
+            streak_E = self._streak.get(index, torch.zeros(len(counts_E), dtype=torch.long))
+            streak_E = (streak_E + 1) * low_E
+            self._streak[index] = streak_E
+            dead_E = streak_E >= self.patience
+            warned_E = self._warned.get(index, torch.zeros_like(dead_E))
+            fresh_E = dead_E & ~warned_E
+            self._warned[index] = warned_E | dead_E
+            self.dead_experts[index] = dead_E.nonzero().flatten().tolist()
+            scalars[layer_scalar_tag(index, DEAD_EXPERTS)] = float(dead_E.sum())
+            if fresh_E.any():
+                newly_dead.append(f"layer {index} experts {fresh_E.nonzero().flatten().tolist()}")
+        log_scalars(trainer, scalars, step)
+        if newly_dead:
+            rank_zero_warn(
+                f"dead experts at step {step}: {'; '.join(newly_dead)} got under "
+                f"{self.min_fair_share:.0%} of their fair share of tokens on {self.patience} logging steps "
+                "in a row; consider a balance loss (loss=balance), a router z-loss, or a lower learning rate"
+            )
+        if self.stop_on_collapse:
+            # A collective: every rank calls it on the same (logging) steps.
+            collapsed = trainer.strategy.reduce_boolean_decision(any(self.dead_experts.values()), all=False)
+            if collapsed and not self.stopped:
+                self.stopped = True
+                trainer.should_stop = True
+                message = (
+                    f"moelab: stopping at step {step}: expert collapse (dead experts by layer: "
+                    f"{ {i: d for i, d in self.dead_experts.items() if d} }); "
+                    "callbacks.collapse_alarm.stop_on_collapse=false keeps training"
+                )
+                if trainer.is_global_zero:
+                    log.error(message)
+                rank_zero_warn(message)

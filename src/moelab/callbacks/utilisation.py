@@ -1,0 +1,151 @@
+"""Expert utilisation in TensorBoard: per MoE layer on logging steps, and a layer × expert
+load heatmap at each validation."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from moelab.callbacks.common import check_every_n, indexed_moe_layers, is_logging_step, log_scalars, tensorboard_writers
+from moelab.callbacks.heatmap import render_heatmap
+from moelab.callbacks.tags import (
+    LOAD_HEATMAP_TAG,
+    aux_loss_tag,
+    layer_scalar_tag,
+    router_prob_share_tag,
+    tokens_per_expert_tag,
+)
+from moelab.moe.losses import z_loss
+from moelab.moe.routing import Routing
+
+
+def utilisation_scalars(plan: Routing) -> dict[str, float]:
+    """Load imbalance, drops, entropy and router z of one plan (names: `tags.UTILISATION_SCALARS`).
+
+    load_*: over tokens_per_expert c (max/mean, min/mean, coefficient of variation std/mean,
+    population std). router_z: mean over tokens of (logsumexp h)², the z-loss value.
+    """
+    stats = plan.stats()
+    counts_E = stats["tokens_per_expert"].double()
+    mean = counts_E.mean().clamp_min(1e-12)
+    return {
+        "load_max_over_mean": float(counts_E.max() / mean),
+        "load_min_over_mean": float(counts_E.min() / mean),
+        "load_cv": float(counts_E.std(unbiased=False) / mean),
+        "dropped_fraction": float(stats["dropped_fraction"]),
+        "unrouted_fraction": float(stats["unrouted_fraction"]),
+        "router_entropy": float(stats["router_entropy"]),
+        "router_z": float(z_loss(plan).detach()),
+    }
+
+
+def router_prob_share_E(plan: Routing) -> Tensor:
+    """Mean router probability per expert, normalised to sum to 1."""
+    probs_TE = plan.router_probs_TE.detach().double()
+    probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    return probs_TE.mean(0)
+
+
+def write_expert_histogram(writer, tag: str, values_E: Tensor, step: int) -> None:
+    """A histogram with one bucket per expert (bucket e spans (e-0.5, e+0.5]) holding values_E[e]."""
+    values_E = values_E.detach().double().cpu()
+    experts_E = torch.arange(len(values_E), dtype=torch.float64)
+    writer.add_histogram_raw(
+        tag,
+        min=0.0,
+        max=float(len(values_E) - 1),
+        num=float(values_E.sum()),
+        sum=float((values_E * experts_E).sum()),
+        sum_squares=float((values_E * experts_E.square()).sum()),
+        bucket_limits=(experts_E + 0.5).tolist(),
+        bucket_counts=values_E.tolist(),
+        global_step=step,
+    )
+
+
+class ExpertUtilisation(L.Callback):
+    """Per MoE layer i, from the last training batch's routing plan, on logging steps:
+
+    - `moe/layer<i>/tokens_per_expert`: histogram, one bucket per expert, height = tokens
+      the expert processed (kept assignments: tokens × k when dropless);
+    - `moe/layer<i>/router_prob_share`: histogram, mean router probability per expert;
+    - scalars `moe/layer<i>/{load_max_over_mean, load_min_over_mean, load_cv,
+      dropped_fraction, unrouted_fraction, router_entropy, router_z}` and
+      `moe/layer<i>/aux/<name>` for each auxiliary loss the layer computes.
+
+    At the end of each validation: `moe/load_heatmap`, an image of layer × expert load over
+    the whole validation set, as a multiple of the mean load (1 = perfectly balanced).
+
+    `every_n_steps=None` follows `trainer.log_every_n_steps`. Only rank 0 computes and writes.
+    """
+
+    def __init__(self, every_n_steps: int | None = None, load_heatmap: bool = True) -> None:
+        self.every_n_steps = check_every_n("callbacks.expert_utilisation.every_n_steps", every_n_steps)
+        self.load_heatmap = load_heatmap
+        self._last_logged_step = -1
+        self._val_counts: dict[int, Tensor] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or step == self._last_logged_step or not is_logging_step(trainer, self.every_n_steps):
+            return
+        self._last_logged_step = step  # with gradient accumulation several batches share a step
+        writers = tensorboard_writers(trainer)
+        scalars: dict[str, float] = {}
+        for index, layer in indexed_moe_layers(pl_module):
+            plan = layer.last_plan
+            if plan is None:
+                continue
+            for name, value in utilisation_scalars(plan).items():
+                scalars[layer_scalar_tag(index, name)] = value
+            for name, value in layer.aux_losses.items():
+                scalars[aux_loss_tag(index, name)] = float(value.detach())
+            for writer in writers:
+                write_expert_histogram(writer, tokens_per_expert_tag(index), plan.tokens_per_expert_E, step)
+                write_expert_histogram(writer, router_prob_share_tag(index), router_prob_share_E(plan), step)
+        log_scalars(trainer, scalars, step)
+
+    # Validation: accumulate tokens per expert over the epoch, render once at its end.
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._val_counts = {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self.load_heatmap or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        for index, layer in indexed_moe_layers(pl_module):
+            if layer.last_plan is None:
+                continue
+            counts_E = layer.last_plan.tokens_per_expert_E.detach().double()
+            previous = self._val_counts.get(index)
+            self._val_counts[index] = counts_E if previous is None else previous + counts_E
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._val_counts or trainer.sanity_checking:
+            return
+        writers = tensorboard_writers(trainer)
+        if writers:
+            image = load_heatmap_image(self._val_counts)
+            for writer in writers:
+                writer.add_image(LOAD_HEATMAP_TAG, image, trainer.global_step)
+        self._val_counts = {}
+
+
+def load_heatmap_image(counts_by_layer: dict[int, Tensor]):
+    """Layer × expert image of tokens per expert ÷ the layer's mean (layers may differ in E:
+    shorter rows are padded with 0)."""
+    indices = sorted(counts_by_layer)
+    num_experts = max(len(counts_by_layer[i]) for i in indices)
+    load_LE = torch.zeros(len(indices), num_experts, dtype=torch.float64)
+    for row, index in enumerate(indices):
+        counts_E = counts_by_layer[index].cpu()
+        load_LE[row, : len(counts_E)] = counts_E / counts_E.mean().clamp_min(1e-12)
+    return render_heatmap(
+        load_LE,
+        title="expert load over the validation set (1 = balanced)",
+        xlabel="expert",
+        ylabel="MoE layer",
+        colorbar_label="tokens ÷ mean tokens per expert",
+        row_labels=[str(i) for i in indices],
+        col_labels=[str(e) for e in range(num_experts)],
+    )

@@ -1,0 +1,56 @@
+"""ExpertCollapseAlarm on a forced collapse: a router built to send every token to expert 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moelab.callbacks.collapse import ExpertCollapseAlarm
+from moelab.callbacks.tags import DEAD_EXPERTS, layer_scalar_tag
+from moelab.moe import ConfigError, moe_layers
+from moelab.train import build
+
+from ..conftest import compose_config
+from .events import load_events
+
+
+def force_collapse_onto_expert_0(vit) -> None:
+    """The MoE input is LayerNorm(h) + bias; LayerNorm output sums to 0 over features, so a
+    constant added to gate row 0 only acts through the bias: with bias 1 everywhere every
+    token's logit for expert 0 rises by 5·D, far beyond the others."""
+    with torch.no_grad():
+        for block in vit.vit.blocks:
+            if block.mlp in moe_layers(vit):
+                block.norm2.bias.fill_(1.0)
+                block.mlp.router.gate.weight[0] += 5.0
+
+
+def test_forced_collapse_raises_the_alarm_logs_the_flag_and_stops(tmp_path):
+    cfg = compose_config(
+        tmp_path, "trainer=debug", "data.batch_size=16", "loss=none", "router.k=1", "router.normalize=false",
+        "callbacks.progress=null", "callbacks.collapse_alarm.patience=2", "callbacks.collapse_alarm.stop_on_collapse=true",
+    )
+    datamodule, task, trainer = build(cfg)
+    force_collapse_onto_expert_0(task.model)
+    with pytest.warns(UserWarning, match=r"dead experts at step 2: layer 1 experts \[1, 2, 3, 4, 5, 6, 7\]"):
+        trainer.fit(task, datamodule=datamodule)
+
+    alarm = next(cb for cb in trainer.callbacks if isinstance(cb, ExpertCollapseAlarm))
+    assert alarm.stopped and trainer.global_step == 2  # stopped after 2 of 4 steps
+    assert alarm.dead_experts == {1: [1, 2, 3, 4, 5, 6, 7], 3: [1, 2, 3, 4, 5, 6, 7]}
+    events = load_events(tmp_path / "tensorboard")
+    for layer in (1, 3):
+        assert [(e.step, e.value) for e in events.Scalars(layer_scalar_tag(layer, DEAD_EXPERTS))] == [(1, 0.0), (2, 7.0)]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"patience": 0}, "patience=0 must be >= 1"),
+        ({"min_fair_share": 0.0}, "min_fair_share=0.0 must be in"),
+        ({"every_n_steps": -1}, "every_n_steps=-1 must be >= 1"),
+    ],
+)
+def test_bad_alarm_settings_are_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ExpertCollapseAlarm(**kwargs)

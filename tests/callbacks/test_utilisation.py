@@ -1,0 +1,92 @@
+"""ExpertUtilisation: histograms, scalars and the load heatmap, read back from real event files."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from functools import partial
+
+from moelab.callbacks.heatmap import heatmap_size
+from moelab.callbacks.tags import (
+    DEAD_EXPERTS,
+    LOAD_HEATMAP_TAG,
+    UTILISATION_SCALARS,
+    aux_loss_tag,
+    layer_scalar_tag,
+    router_prob_share_tag,
+    specialisation_tag,
+    tokens_per_expert_tag,
+)
+from moelab.callbacks.utilisation import ExpertUtilisation, utilisation_scalars
+from moelab.moe import ConfigError, TopKRouter
+from moelab.train import run
+
+from ..conftest import compose_config
+from .events import load_events
+
+BATCH, PATCHES, EXPERTS, K, STEPS, MOE_LAYERS = 16, 16, 8, 2, 4, (1, 3)
+
+
+@pytest.fixture(scope="module")
+def vit_events(tmp_path_factory):
+    """One debug run of the default ViT (top-2, dropless, default callbacks): 4 steps, 2 val batches."""
+    out = tmp_path_factory.mktemp("vit")
+    cfg = compose_config(out, "trainer=debug", f"data.batch_size={BATCH}", "callbacks.progress=null", "test=false")
+    run(cfg)
+    return load_events(out / "tensorboard")
+
+
+def test_histograms_for_every_moe_layer_sum_to_tokens_times_k(vit_events):
+    for layer in MOE_LAYERS:
+        steps = vit_events.Histograms(tokens_per_expert_tag(layer))
+        assert [event.step for event in steps] == list(range(1, STEPS + 1))  # log_every_n_steps=1
+        for event in steps:
+            buckets = event.histogram_value.bucket
+            assert len(buckets) == EXPERTS
+            assert sum(buckets) == BATCH * PATCHES * K
+        for event in vit_events.Histograms(router_prob_share_tag(layer)):
+            assert sum(event.histogram_value.bucket) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_scalars_for_every_moe_layer(vit_events):
+    scalars = set(vit_events.Tags()["scalars"])
+    for layer in MOE_LAYERS:
+        expected = [layer_scalar_tag(layer, name) for name in (*UTILISATION_SCALARS, DEAD_EXPERTS)]
+        expected += [aux_loss_tag(layer, name) for name in ("balance", "zloss")]
+        assert set(expected) <= scalars, set(expected) - scalars
+        assert all(e.value == 0.0 for e in vit_events.Scalars(layer_scalar_tag(layer, "dropped_fraction")))
+        assert all(e.value == 0.0 for e in vit_events.Scalars(layer_scalar_tag(layer, DEAD_EXPERTS)))
+        assert all(e.value >= 1.0 for e in vit_events.Scalars(layer_scalar_tag(layer, "load_max_over_mean")))
+
+
+def test_heatmap_images_have_the_expected_size(vit_events):
+    images = set(vit_events.Tags()["images"])
+    expected = {LOAD_HEATMAP_TAG: heatmap_size(len(MOE_LAYERS), EXPERTS)}
+    for layer in MOE_LAYERS:
+        expected[specialisation_tag(layer, "expert_class")] = heatmap_size(10, EXPERTS)
+        expected[specialisation_tag(layer, "expert_position")] = heatmap_size(PATCHES, EXPERTS)
+    assert set(expected) <= images
+    for tag, (height, width) in expected.items():
+        (event,) = vit_events.Images(tag)  # one validation
+        assert (event.height, event.width) == (height, width), tag
+        assert event.encoded_image_string.startswith(b"\x89PNG")
+
+
+def test_utilisation_scalars_of_a_capacity_limited_plan():
+    router = TopKRouter(d_model=8, num_experts=4, k=1, normalize=False, capacity_factor=0.5)
+    with torch.no_grad():
+        router.gate.weight.zero_()
+        router.gate.weight[0, 0] = 10.0  # every token with x_0 > 0 wants expert 0
+    x = torch.randn(64, 8).abs()
+    values = utilisation_scalars(router(x))
+    capacity = 8  # ⌈0.5 · 1 · 64 / 4⌉
+    assert values["dropped_fraction"] == pytest.approx(1 - capacity / 64)
+    assert values["load_max_over_mean"] == pytest.approx(4.0)
+    assert values["load_min_over_mean"] == 0.0
+    assert values["load_cv"] == pytest.approx(3**0.5)
+    assert values["router_z"] > 0
+
+
+def test_bad_schedule_is_a_config_error():
+    with pytest.raises(ConfigError, match="every_n_steps=0 must be >= 1"):
+        ExpertUtilisation(every_n_steps=0)

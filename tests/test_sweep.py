@@ -1,0 +1,87 @@
+"""Multirun sweeps: a real 2×2 `train.py -m` writes a 4-row summary and override-named
+TensorBoard runs; the summary table on hand-made job folders; the optuna search (if installed)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moelab.sweep import collect_jobs, parse_override, write_summary
+
+from .conftest import ROOT
+
+TINY = (
+    "trainer=debug", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1", "data.batch_size=16", "callbacks.progress=null",
+)
+
+
+def train_multirun(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_2x2_multirun_writes_a_summary_with_4_rows_and_named_tensorboard_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = train_multirun("-m", "router=topk,switch", "experts=4,8", *TINY, f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4
+    assert [(r["job"], r["router"], r["experts"]) for r in rows] == [
+        ("0", "topk", "4"), ("1", "topk", "8"), ("2", "switch", "4"), ("3", "switch", "8"),
+    ]
+    for row in rows:
+        assert 0.0 <= float(row["val/acc"]) <= 1.0 and float(row["test/loss"]) > 0
+    markdown = (sweep / "summary.md").read_text()
+    assert "| job | router | experts | val/acc |" in markdown and "Shared overrides: `trainer=debug`" in markdown
+    assert "| 3 | switch | 8 |" in result.stdout  # the table is printed too
+
+    for job in range(4):
+        (run_dir,) = (sweep / str(job) / "tensorboard").iterdir()
+        overrides = yaml.safe_load((sweep / str(job) / ".hydra" / "overrides.yaml").read_text())
+        assert run_dir.name == ",".join(sorted(overrides))  # hydra.job.override_dirname
+        assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
+
+
+def _fake_job(sweep: Path, num: int, overrides: list[str], metrics: dict | None) -> None:
+    (sweep / str(num) / ".hydra").mkdir(parents=True)
+    (sweep / str(num) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if metrics is not None:
+        (sweep / str(num) / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_summary_orders_jobs_numerically_and_marks_missing_metrics(tmp_path):
+    _fake_job(tmp_path, 10, ["experts=16", "+extra=1"], {"val/acc": 0.5, "train/loss": 1.0})
+    _fake_job(tmp_path, 2, ["experts=8"], None)  # a job that failed before writing metrics
+    markdown = write_summary(tmp_path)
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["job", "experts", "extra", "val/acc", "train/loss"], ["2", "8", "", "", ""], ["10", "16", "1", "0.5", "1.0"]]
+    assert "| 2 | 8 |  | — | — |" in markdown
+    assert [job["job"] for job in collect_jobs(tmp_path)] == ["2", "10"]
+
+
+def test_parse_override():
+    assert parse_override("router=topk") == ("router", "topk")
+    assert parse_override("++model.moe_layers=[0,3]") == ("model.moe_layers", "[0,3]")
+    assert parse_override("~callbacks.progress") == ("callbacks.progress", "(deleted)")
+
+
+def test_optuna_search_runs_trials_and_summarises(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs the `sweep` extra")
+    sweep = tmp_path / "optuna"
+    result = train_multirun("hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2", *TINY, f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert 0.0 <= best["best_value"] <= 1.0
+    with open(sweep / "summary.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
