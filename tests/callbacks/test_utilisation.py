@@ -90,3 +90,26 @@ def test_utilisation_scalars_of_a_capacity_limited_plan():
 def test_bad_schedule_is_a_config_error():
     with pytest.raises(ConfigError, match="every_n_steps=0 must be >= 1"):
         ExpertUtilisation(every_n_steps=0)
+
+
+def test_statistics_exist_for_every_router_kind():
+    """Every router's plan yields the utilisation numbers (Soft MoE has no router logits, so no router_z)."""
+    from functools import partial
+
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from moelab.callbacks.utilisation import router_prob_share_E, utilisation_scalars
+    from moelab.moe import GroupedExperts, MoELayer
+
+    from ..conftest import CONF
+
+    for path in sorted((CONF / "router").glob("*.yaml")):
+        router = instantiate(OmegaConf.load(path))
+        layer = MoELayer(16, 32, router, partial(GroupedExperts, num_experts=4))
+        layer(torch.randn(2, 8, 16), token_ids=torch.randint(0, 100, (2, 8)))
+        scalars = utilisation_scalars(layer.last_plan)
+        assert all(value == value for value in scalars.values()), path.stem  # no NaN
+        assert ("router_z" in scalars) == (path.stem != "soft")
+        torch.testing.assert_close(router_prob_share_E(layer.last_plan).sum().item(), 1.0)

@@ -24,20 +24,23 @@ def utilisation_scalars(plan: Routing) -> dict[str, float]:
     """Load imbalance, drops, entropy and router z of one plan (names: `tags.UTILISATION_SCALARS`).
 
     load_*: over tokens_per_expert c (max/mean, min/mean, coefficient of variation std/mean,
-    population std). router_z: mean over tokens of (logsumexp h)², the z-loss value.
+    population std). router_z: mean over tokens of (logsumexp h)², the z-loss value (only
+    for plans with router logits; Soft MoE has slot logits instead).
     """
     stats = plan.stats()
     counts_E = stats["tokens_per_expert"].double()
     mean = counts_E.mean().clamp_min(1e-12)
-    return {
+    values = {
         "load_max_over_mean": float(counts_E.max() / mean),
         "load_min_over_mean": float(counts_E.min() / mean),
         "load_cv": float(counts_E.std(unbiased=False) / mean),
         "dropped_fraction": float(stats["dropped_fraction"]),
         "unrouted_fraction": float(stats["unrouted_fraction"]),
         "router_entropy": float(stats["router_entropy"]),
-        "router_z": float(z_loss(plan).detach()),
     }
+    if hasattr(plan, "router_logits_TE"):
+        values["router_z"] = float(z_loss(plan).detach())
+    return values
 
 
 def router_prob_share_E(plan: Routing) -> Tensor:
