@@ -28,6 +28,13 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
         return F.linear(x_TD.float(), weight_ED.float())
 
 
+def linear_gate(d_model: int, num_experts: int) -> nn.Linear:
+    """W_g without bias, initialised so router logits start at unit scale."""
+    gate = nn.Linear(d_model, num_experts, bias=False)
+    nn.init.normal_(gate.weight, std=d_model**-0.5)
+    return gate
+
+
 def _check_factor(name: str, factor: float | None) -> None:
     if factor is not None and factor <= 0:
         raise ConfigError(f"router.{name}={factor} must be > 0, or null for dropless routing")
@@ -138,8 +145,7 @@ class TopKRouter(TokenChoiceRouter):
         if score not in ("softmax", "sigmoid"):
             raise ConfigError(f"router.score='{score}' is unknown: pick softmax or sigmoid")
         self.score = score
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+        self.gate = linear_gate(d_model, num_experts)
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
         logits_TE = router_logits(x_TD, self.gate.weight)
@@ -165,8 +171,7 @@ class GShardRouter(TokenChoiceRouter):
         batch_priority: bool = False,
     ) -> None:
         super().__init__(num_experts, 2, True, capacity_factor, eval_capacity_factor, batch_priority)
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+        self.gate = linear_gate(d_model, num_experts)
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
         logits_TE = router_logits(x_TD, self.gate.weight)
@@ -287,8 +292,7 @@ class AuxFreeRouter(TokenChoiceRouter):
         if update_rate < 0:
             raise ConfigError(f"router.update_rate={update_rate} must be >= 0")
         self.update_rate = update_rate
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+        self.gate = linear_gate(d_model, num_experts)
         self.register_buffer("expert_bias_E", torch.zeros(num_experts))
         self.register_buffer("load_since_update_E", torch.zeros(num_experts), persistent=False)
 
@@ -331,8 +335,7 @@ class SinkhornRouter(TokenChoiceRouter):
     ) -> None:
         super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor)
         self.max_iterations, self.tolerance = max_iterations, tolerance
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+        self.gate = linear_gate(d_model, num_experts)
 
     @property
     def causal_safe(self) -> bool:
@@ -414,8 +417,7 @@ class DenseRouter(nn.Module):
         super().__init__()
         check_num_experts(num_experts)
         self.num_experts = num_experts
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+        self.gate = linear_gate(d_model, num_experts)
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
         logits_TE = router_logits(x_TD, self.gate.weight)
@@ -440,8 +442,7 @@ class ExpertChoiceRouter(nn.Module):
         if capacity_factor <= 0:
             raise ConfigError(f"router.capacity_factor={capacity_factor} must be > 0")
         self.num_experts, self.capacity_factor = num_experts, capacity_factor
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
-        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+        self.gate = linear_gate(d_model, num_experts)
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
         num_tokens = x_TD.shape[0]
