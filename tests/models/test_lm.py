@@ -160,3 +160,21 @@ def test_switch_with_capacity_is_refused_in_one_line(tmp_path):
 def test_dense_model_accepts_any_router_since_none_is_built(tmp_path):
     router, expert = _router_and_expert(tmp_path, "switch")
     assert not any(isinstance(b.ffn, MoELayer) for b in tiny_lm(router, expert, moe_every=0).blocks)
+
+
+def test_lm_small_gpu_is_gpt2_small_sized_with_dense_active_flops(tmp_path):
+    from omegaconf import OmegaConf
+
+    def build(*overrides: str) -> MoELM:
+        cfg = compose_config(tmp_path, "experiment=lm_small_gpu", *overrides)
+        assert cfg.trainer.precision == "bf16-mixed" and cfg.optimized_metric == "val/bpb"
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            return instantiate(
+                cfg.model, router=cfg.router, expert=cfg.expert,
+                aux_loss_weights=OmegaConf.to_container(cfg.loss), _convert_="all",
+            )
+
+    moe, dense = build(), build("model.moe_every=0")
+    gates = sum(b.ffn.router.gate.weight.numel() for b in moe.blocks if isinstance(b.ffn, MoELayer))
+    assert 100e6 < moe.num_parameters(active=True) < 130e6 and moe.num_parameters() > 200e6
+    assert moe.num_parameters(active=True) - gates == dense.num_parameters()
