@@ -171,3 +171,12 @@ def test_write_token_files_round_trip_and_bytes_per_token(tmp_path):
     assert meta["bytes_per_token"] == pytest.approx(total_bytes / total_tokens)
     assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
     assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_every_ddp_rank_gets_train_steps_per_epoch_batches(fake_stdlib):
+    from types import SimpleNamespace
+
+    module = windows_module(fake_stdlib, train_steps_per_epoch=3)
+    assert len(module.train_dataloader().sampler) == 3 * 4
+    module.trainer = SimpleNamespace(world_size=2)  # Lightning then splits the windows over 2 ranks
+    assert len(module.train_dataloader().sampler) == 2 * 3 * 4

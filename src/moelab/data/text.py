@@ -122,7 +122,11 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         tokens = self.tokens["train"]
         windows = TokenWindows(tokens, self.seq_len, np.arange(len(tokens) - self.seq_len))
-        sampler = RandomWindowSampler(len(windows), self.train_steps_per_epoch * self.batch_size, self.seed)
+        # Under DDP Lightning splits the sampler's windows across ranks: draw enough for
+        # `train_steps_per_epoch` steps on every rank.
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        num_samples = self.train_steps_per_epoch * self.batch_size * world_size
+        sampler = RandomWindowSampler(len(windows), num_samples, self.seed)
         return DataLoader(windows, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:

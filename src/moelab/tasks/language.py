@@ -101,7 +101,9 @@ class LanguageModeling(L.LightningModule):
         bytes_per_token = self.bytes_per_token
         if bytes_per_token:
             values[f"{stage}/bpb"] = loss / (math.log(2) * bytes_per_token)
-        self.log_dict(values, prog_bar=stage == "val")
+        # The metric's compute() already reduced across ranks, so every rank holds the same
+        # values; sync_dist only averages equal numbers (and keeps Lightning from warning).
+        self.log_dict(values, prog_bar=stage == "val", sync_dist=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         if batch_idx == 0 and self._sample_prompt is None:
