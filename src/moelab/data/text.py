@@ -1,0 +1,426 @@
+"""Text for language models as windows of token ids: Python's stdlib as bytes, memory-mapped
+token files (nanoGPT style), and Hugging Face datasets tokenised with tiktoken.
+
+Batches are `(inputs, targets)`, both (B, L) int64, targets the inputs shifted by one.
+Training draws random windows (seeded); validation and test read fixed consecutive windows.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import sysconfig
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from moelab.moe.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+
+
+class TokenWindows(Dataset):
+    """Item i: the window tokens[starts[i] : starts[i] + L + 1] as (inputs, targets) of length L."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, starts: np.ndarray) -> None:
+        self.tokens, self.seq_len, self.starts = tokens, seq_len, starts
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = int(self.starts[index])
+        window = torch.from_numpy(np.asarray(self.tokens[start : start + self.seq_len + 1]).astype(np.int64))
+        return window[:-1], window[1:]
+
+
+class RandomWindowSampler(Sampler[int]):
+    """`num_samples` window indices per epoch drawn uniformly with replacement from a generator
+    seeded by (seed, epoch), so every epoch sees fresh windows and a run is reproducible.
+
+    Not a RandomSampler on purpose: Lightning would replace that with a DistributedSampler
+    over every window under DDP; a custom sampler is split across ranks instead.
+    """
+
+    def __init__(self, num_windows: int, num_samples: int, seed: int = 0) -> None:
+        self.num_windows, self.num_samples, self.seed, self.epoch = num_windows, num_samples, seed, 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        self.epoch += 1
+        yield from torch.randint(self.num_windows, (self.num_samples,), generator=generator).tolist()
+
+
+class TextDataModule(L.LightningDataModule):
+    """Shared windowing for token streams; subclasses provide `load_splits()` (split → 1-D ids).
+
+    seq_len: tokens per input window. train_steps_per_epoch: batches per training epoch
+    (the data are sampled, so an epoch is a chosen length). eval_max_windows: cap on the
+    consecutive windows of val/test (null: all).
+    """
+
+    vocab_size: int = 256
+    bytes_per_token: float | None = None
+
+    def __init__(
+        self,
+        seq_len: int = 256,
+        batch_size: int = 32,
+        train_steps_per_epoch: int = 200,
+        eval_batch_size: int | None = None,
+        eval_max_windows: int | None = None,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if seq_len < 1 or batch_size < 1 or train_steps_per_epoch < 1:
+            raise ConfigError(
+                f"data.seq_len={seq_len}, data.batch_size={batch_size} and "
+                f"data.train_steps_per_epoch={train_steps_per_epoch} must all be >= 1"
+            )
+        self.seq_len, self.batch_size, self.train_steps_per_epoch = seq_len, batch_size, train_steps_per_epoch
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_max_windows, self.seed, self.num_workers = eval_max_windows, seed, num_workers
+        self.tokens: dict[str, np.ndarray] = {}
+
+    def load_splits(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of token ids (bytes decoded as UTF-8 here; token files override)."""
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokens:
+            return
+        self.tokens = self.load_splits()
+        for split, ids in self.tokens.items():
+            if len(ids) < self.seq_len + 1:
+                raise ConfigError(
+                    f"the {split} split has {len(ids)} tokens, fewer than data.seq_len+1={self.seq_len + 1}: "
+                    "lower data.seq_len or give it more text"
+                )
+
+    def _eval_windows(self, split: str) -> TokenWindows:
+        tokens = self.tokens[split]
+        starts = np.arange(0, len(tokens) - self.seq_len, self.seq_len)
+        if self.eval_max_windows is not None:
+            starts = starts[: self.eval_max_windows]
+        return TokenWindows(tokens, self.seq_len, starts)
+
+    def train_dataloader(self) -> DataLoader:
+        tokens = self.tokens["train"]
+        windows = TokenWindows(tokens, self.seq_len, np.arange(len(tokens) - self.seq_len))
+        # Under DDP Lightning splits the sampler's windows across ranks: draw enough for
+        # `train_steps_per_epoch` steps on every rank.
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        num_samples = self.train_steps_per_epoch * self.batch_size * world_size
+        sampler = RandomWindowSampler(len(windows), num_samples, self.seed)
+        return DataLoader(windows, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self._eval_windows("val"), batch_size=self.eval_batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self._eval_windows("test"), batch_size=self.eval_batch_size, num_workers=self.num_workers)
+
+
+def split_of(name: str, val_fraction: float, test_fraction: float, seed: int = 0) -> str:
+    """Split of a file by a hash of its name: independent of file order and of the other files."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
+
+
+def stdlib_sources(root: Path, include_tests: bool = False) -> list[Path]:
+    """The standard library's `.py` files under `root`, sorted; never site-packages."""
+    files = []
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).parts
+        if parts[0] in ("site-packages", "dist-packages") or "__pycache__" in parts:
+            continue
+        if not include_tests and TEST_DIRS.intersection(parts[:-1]):
+            continue
+        files.append(path)
+    return sorted(files)
+
+
+@functools.lru_cache(maxsize=4)
+def load_stdlib_bytes(
+    root: str, max_bytes: int | None, val_fraction: float, test_fraction: float, split_seed: int, include_tests: bool
+) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+    """Split → (concatenated bytes as uint8, the relative paths in it).
+
+    Each file belongs to the split a seeded hash of its path picks. With `max_bytes`, files
+    are taken in the order of another seeded hash until each split holds its share
+    (val_fraction, test_fraction, the rest for train) of `max_bytes`; files stay whole.
+    """
+    root_path = Path(root)
+    files = stdlib_sources(root_path, include_tests)
+    if not files:
+        raise FileNotFoundError(f"no .py files under {root}: set data.root to a Python standard library folder")
+    names = [p.relative_to(root_path).as_posix() for p in files]
+    order = sorted(range(len(files)), key=lambda i: hashlib.sha256(f"{split_seed}:order:{names[i]}".encode()).digest())
+    budget = {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
+    budget = {split: None if max_bytes is None else share * max_bytes for split, share in budget.items()}
+    chunks: dict[str, list[bytes]] = {split: [] for split in SPLITS}
+    chosen: dict[str, list[str]] = {split: [] for split in SPLITS}
+    size = dict.fromkeys(SPLITS, 0)
+    for i in order:
+        split = split_of(names[i], val_fraction, test_fraction, split_seed)
+        if budget[split] is not None and size[split] >= budget[split]:
+            continue
+        text = files[i].read_bytes()
+        chunks[split].append(text)
+        chosen[split].append(names[i])
+        size[split] += len(text)
+    return {
+        split: (np.frombuffer(b"".join(chunks[split]), dtype=np.uint8), tuple(chosen[split])) for split in SPLITS
+    }
+
+
+class PyStdlibDataModule(TextDataModule):
+    """The running Python's standard-library sources as bytes (vocabulary 256), offline.
+
+    Files are assigned to train / val / test by a seeded hash of their relative path, so
+    validation text comes from files never trained on; `max_bytes` caps the total read.
+    """
+
+    vocab_size = 256
+    bytes_per_token = 1.0
+
+    def __init__(
+        self,
+        root: str | None = None,
+        vocab_size: int = 256,
+        max_bytes: int | None = 4_000_000,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        split_seed: int = 0,
+        include_tests: bool = False,
+        **window_kwargs,
+    ) -> None:
+        super().__init__(**window_kwargs)
+        if vocab_size != 256:
+            raise ConfigError(f"data.vocab_size={vocab_size}: pystdlib is bytes, its vocabulary is 256")
+        if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
+            raise ConfigError("data.val_fraction and data.test_fraction must be > 0 and sum to < 1")
+        self.root = root or sysconfig.get_paths()["stdlib"]
+        self.max_bytes, self.val_fraction, self.test_fraction = max_bytes, val_fraction, test_fraction
+        self.split_seed, self.include_tests = split_seed, include_tests
+        self.files: dict[str, tuple[str, ...]] = {}
+
+    def load_splits(self) -> dict[str, np.ndarray]:
+        loaded = load_stdlib_bytes(
+            self.root, self.max_bytes, self.val_fraction, self.test_fraction, self.split_seed, self.include_tests
+        )
+        self.files = {split: names for split, (_, names) in loaded.items()}
+        return {split: data for split, (data, _) in loaded.items()}
+
+
+def _prepare_hint(path: Path) -> str:
+    return f"python scripts/prepare_text.py --out {path}"
+
+
+class TokenFileDataModule(TextDataModule):
+    """Token ids in `<path>/{train,val,test}.bin` (raw uint16 or uint32 arrays, nanoGPT style),
+    memory-mapped. An optional `<path>/meta.json` ({vocab_size, dtype, bytes_per_token,
+    encoding}) written by `scripts/prepare_text.py` fills in what the config leaves null."""
+
+    def __init__(
+        self,
+        path: str,
+        dtype: str | None = None,
+        vocab_size: int = 50304,
+        bytes_per_token: float | None = None,
+        **window_kwargs,
+    ) -> None:
+        super().__init__(**window_kwargs)
+        self.path = Path(path)
+        self.meta: dict = {}
+        self.dtype = dtype
+        self.vocab_size = vocab_size
+        self.bytes_per_token = bytes_per_token
+        self._encoding = None
+
+    def _read_meta(self) -> None:
+        meta_file = self.path / "meta.json"
+        self.meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        self.dtype = self.dtype or self.meta.get("dtype", "uint16")
+        if self.dtype not in TOKEN_DTYPES:
+            raise ConfigError(f"data.dtype={self.dtype} is not a token file type: use uint16 or uint32")
+        if self.bytes_per_token is None:
+            self.bytes_per_token = self.meta.get("bytes_per_token")
+        needed = self.meta.get("vocab_size")
+        if needed is not None and needed > self.vocab_size:
+            raise ConfigError(
+                f"{self.path}/meta.json says the tokenizer has {needed} ids but data.vocab_size={self.vocab_size}: "
+                f"set data.vocab_size={needed} or more"
+            )
+
+    def load_splits(self) -> dict[str, np.ndarray]:
+        for split in SPLITS:
+            if not (self.path / f"{split}.bin").exists():
+                raise FileNotFoundError(
+                    f"{self.path / f'{split}.bin'} not found: write the token files with `{_prepare_hint(self.path)}`"
+                )
+        self._read_meta()
+        dtype = TOKEN_DTYPES[self.dtype]
+        return {split: np.memmap(self.path / f"{split}.bin", dtype=dtype, mode="r") for split in SPLITS}
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        name = self.meta.get("encoding")
+        if name and importlib.util.find_spec("tiktoken") is not None:
+            if self._encoding is None:
+                import tiktoken
+
+                self._encoding = tiktoken.get_encoding(name)
+            return self._encoding.decode(ids)
+        return " ".join(map(str, ids))
+
+
+def write_token_files(
+    texts_by_split: Mapping[str, Iterable[str]],
+    encode: Callable[[list[str]], list[list[int]]],
+    out_dir: str | Path,
+    vocab_size: int,
+    end_of_text: int | None = None,
+    encoding: str | None = None,
+    chunk_docs: int = 1024,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict:
+    """Tokenise each split's documents (in batches of `chunk_docs`) into `<out_dir>/<split>.bin`,
+    `end_of_text` after every document, and write `meta.json` with the measured bytes per token.
+    Files appear only when complete (written as `.tmp`, then renamed)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype_name = "uint16" if vocab_size <= 2**16 else "uint32"
+    dtype = TOKEN_DTYPES[dtype_name]
+    total_bytes = total_tokens = 0
+    for split, texts in texts_by_split.items():
+        tmp = out / f"{split}.bin.tmp"
+        with tmp.open("wb") as f:
+            batch: list[str] = []
+            docs = progress(texts) if progress else texts
+            for text in docs:
+                batch.append(text)
+                if len(batch) == chunk_docs:
+                    total_bytes, total_tokens = _write_batch(f, batch, encode, end_of_text, dtype, total_bytes, total_tokens)
+                    batch = []
+            if batch:
+                total_bytes, total_tokens = _write_batch(f, batch, encode, end_of_text, dtype, total_bytes, total_tokens)
+        tmp.replace(out / f"{split}.bin")
+    meta = {
+        "vocab_size": vocab_size,
+        "dtype": dtype_name,
+        "bytes_per_token": total_bytes / max(1, total_tokens),
+        "encoding": encoding,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _write_batch(f, batch, encode, end_of_text, dtype, total_bytes, total_tokens):
+    for text, ids in zip(batch, encode(batch)):
+        if end_of_text is not None:
+            ids = [*ids, end_of_text]
+        np.asarray(ids, dtype=dtype).tofile(f)
+        total_bytes += len(text.encode("utf-8"))
+        total_tokens += len(ids)
+    return total_bytes, total_tokens
+
+
+def require_hf_extra() -> None:
+    missing = [name for name in ("datasets", "tiktoken") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(
+            f"data=hf_text needs {' and '.join(missing)} (the `hf` extra): run `pip install -e \".[hf]\"`"
+        )
+
+
+def prepare_hf_tokens(
+    out_dir: str | Path,
+    dataset: str,
+    name: str | None = None,
+    text_field: str = "text",
+    splits: Mapping[str, str] | None = None,
+    encoding: str = "gpt2",
+    max_docs: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Download a Hugging Face dataset, tokenise it with tiktoken and write token files."""
+    require_hf_extra()
+    import datasets
+    import tiktoken
+
+    splits = dict(splits or {"train": "train", "val": "validation", "test": "test"})
+    tokenizer = tiktoken.get_encoding(encoding)
+    loaded = datasets.load_dataset(dataset, name)
+    texts_by_split = {}
+    for split, hf_split in splits.items():
+        if hf_split not in loaded:
+            raise ConfigError(
+                f"{dataset} has no split '{hf_split}' (it has {', '.join(loaded)}): set data.splits.{split}"
+            )
+        rows = loaded[hf_split]
+        if max_docs is not None:
+            rows = rows.select(range(min(max_docs, len(rows))))
+        texts_by_split[split] = (row[text_field] for row in rows if row[text_field])
+
+    def bar(items):
+        if not progress:
+            return items
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=f"tokenising {dataset}", unit=" docs")
+
+    return write_token_files(
+        texts_by_split,
+        tokenizer.encode_ordinary_batch,
+        out_dir,
+        vocab_size=tokenizer.n_vocab,
+        end_of_text=tokenizer.eot_token,
+        encoding=encoding,
+        progress=bar,
+    )
+
+
+class HFTextDataModule(TokenFileDataModule):
+    """A Hugging Face text dataset tokenised with tiktoken into token files under `path`
+    (prepared once, on the first run, by `prepare_data`; needs the `hf` extra)."""
+
+    def __init__(
+        self,
+        path: str,
+        dataset: str = "Salesforce/wikitext",
+        name: str | None = "wikitext-103-raw-v1",
+        text_field: str = "text",
+        splits: Mapping[str, str] | None = None,
+        encoding: str = "gpt2",
+        max_docs: int | None = None,
+        **token_kwargs,
+    ) -> None:
+        super().__init__(path, **token_kwargs)
+        self.dataset, self.name, self.text_field = dataset, name, text_field
+        self.splits, self.encoding, self.max_docs = splits, encoding, max_docs
+        if not all((self.path / f"{split}.bin").exists() for split in SPLITS):
+            require_hf_extra()
+
+    def prepare_data(self) -> None:
+        if all((self.path / f"{split}.bin").exists() for split in SPLITS):
+            return
+        prepare_hf_tokens(
+            self.path, self.dataset, self.name, self.text_field, self.splits, self.encoding, self.max_docs
+        )

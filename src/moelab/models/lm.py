@@ -1,0 +1,242 @@
+"""A decoder-only language model (pre-norm RMSNorm, RoPE, causal SDPA) with MoE FFNs in chosen blocks."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.models.placement import moe_layer_indices
+from moelab.moe.errors import ConfigError
+from moelab.moe.layer import MoELayer
+
+FFN_ACTIVATIONS = ("gelu", "swiglu")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich 2019, eq. 4): y = x / RMS(x) · g,
+    RMS(x) = sqrt(mean_i x_i² + eps); no mean subtraction, no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_float = x.float()
+        normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def rope_angles(seq_len: int, head_dim: int, base: float = 10000.0, device=None) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles m·θ_i, θ_i = base^(−2i/d) (Su et al. 2021, RoFormer, eq. 15),
+    each (L, head_dim/2) in fp32."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles_LH = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles_LH.cos(), angles_LH.sin()
+
+
+def apply_rope(x_BHLD: Tensor, cos_LH: Tensor, sin_LH: Tensor) -> Tensor:
+    """Rotate each pair (x_2i, x_2i+1) of every position m by the angle m·θ_i (Su et al. 2021, eq. 34).
+
+    Pairs are adjacent dimensions, as in the paper; q·k then depends on positions only
+    through their difference.
+    """
+    x_pairs = x_BHLD.float().unflatten(-1, (-1, 2))
+    x_even, x_odd = x_pairs[..., 0], x_pairs[..., 1]
+    rotated = torch.stack((x_even * cos_LH - x_odd * sin_LH, x_even * sin_LH + x_odd * cos_LH), dim=-1)
+    return rotated.flatten(-2).to(x_BHLD.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with RoPE on queries and keys, through `scaled_dot_product_attention`."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0, rope_base: float = 10000.0) -> None:
+        super().__init__()
+        if d_model % num_heads or (d_model // num_heads) % 2:
+            raise ConfigError(
+                f"model.d_model={d_model} must split into model.num_heads={num_heads} heads of even size"
+            )
+        self.num_heads, self.head_dim, self.dropout, self.rope_base = num_heads, d_model // num_heads, dropout, rope_base
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x_BLD: Tensor) -> Tensor:
+        batch, seq_len, d_model = x_BLD.shape
+        q, k, v = self.qkv(x_BLD).view(batch, seq_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos_LH, sin_LH = rope_angles(seq_len, self.head_dim, self.rope_base, device=x_BLD.device)
+        q, k = apply_rope(q, cos_LH, sin_LH), apply_rope(k, cos_LH, sin_LH)
+        out_BHLD = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(out_BHLD.transpose(1, 2).reshape(batch, seq_len, d_model))
+
+
+class FeedForward(nn.Module):
+    """The dense FFN, with the experts' activations and initialisation (so dense and MoE start alike):
+    gelu: W2 · GELU(W1 x); swiglu: W2 · (SiLU(W1 x) ⊙ W3 x) (Shazeer 2020)."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str = "swiglu") -> None:
+        super().__init__()
+        if activation not in FFN_ACTIVATIONS:
+            raise ConfigError(f"model.ffn_activation='{activation}' is unknown: pick one of {', '.join(FFN_ACTIVATIONS)}")
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False) if activation == "swiglu" else None
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+        for linear in (self.w1, self.w3):
+            if linear is not None:
+                nn.init.normal_(linear.weight, std=d_model**-0.5)
+        nn.init.normal_(self.w2.weight, std=hidden**-0.5)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+        h = self.w1(x)
+        h = F.gelu(h) if self.w3 is None else F.silu(h) * self.w3(x)
+        return self.w2(h)
+
+
+class DecoderBlock(nn.Module):
+    """x + Attn(RMSNorm(x)), then + FFN(RMSNorm(x)); the FFN is dense or a MoELayer."""
+
+    def __init__(self, d_model: int, num_heads: int, ffn: nn.Module, dropout: float, rope_base: float) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, num_heads, dropout, rope_base)
+        self.ffn_norm = RMSNorm(d_model)
+        self.ffn = ffn
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x_BLD: Tensor, token_ids_BL: Tensor) -> Tensor:
+        x_BLD = x_BLD + self.dropout(self.attn(self.attn_norm(x_BLD)))
+        return x_BLD + self.dropout(self.ffn(self.ffn_norm(x_BLD), token_ids=token_ids_BL))
+
+
+class MoELM(nn.Module):
+    """Decoder-only transformer LM whose FFN in blocks `moe_layer_indices(depth, moe_every, moe_layers)`
+    is a MoELayer (any router, expert and auxiliary loss of `moelab.moe`).
+
+    Active FLOPs are matched between dense and MoE blocks: a dense FFN has `ffn_hidden`
+    units; each expert has `expert_hidden` (default `ffn_hidden // experts_per_token`),
+    so top-k routing over experts of ffn_hidden/k units costs what the dense FFN costs,
+    and `moe_every=0` is the dense baseline with the same active FLOPs.
+
+    Every MoE layer must be causal-safe (a token's routing may depend only on that
+    token); otherwise construction raises ConfigError.
+    """
+
+    def __init__(
+        self,
+        router: Callable[..., nn.Module],
+        expert: Callable[..., nn.Module],
+        aux_loss_weights: Mapping[str, float] | None = None,
+        vocab_size: int = 256,
+        d_model: int = 256,
+        depth: int = 4,
+        num_heads: int = 4,
+        ffn_hidden: int = 768,
+        ffn_activation: str = "swiglu",
+        experts_per_token: int = 1,
+        expert_hidden: int | None = None,
+        moe_every: int = 2,
+        moe_layers: Sequence[int] | None = None,
+        tie_embeddings: bool = True,
+        dropout: float = 0.0,
+        rope_base: float = 10000.0,
+    ) -> None:
+        super().__init__()
+        if vocab_size < 2:
+            raise ConfigError(f"model.vocab_size={vocab_size} must be >= 2: set it from the data (data.vocab_size)")
+        if experts_per_token < 1:
+            raise ConfigError(f"model.experts_per_token={experts_per_token} must be >= 1")
+        if expert_hidden is None:
+            expert_hidden = max(8, ffn_hidden // experts_per_token)
+        self.vocab_size, self.d_model, self.depth = vocab_size, d_model, depth
+        self.moe_indices = moe_layer_indices(depth, moe_every, moe_layers)
+        self.embed = nn.Embedding(vocab_size, d_model)
+        blocks = []
+        for i in range(depth):
+            if i in self.moe_indices:
+                ffn = MoELayer(
+                    d_model, expert_hidden, router=router, experts=expert, aux_loss_weights=aux_loss_weights, layer_index=i
+                )
+            else:
+                ffn = FeedForward(d_model, ffn_hidden, ffn_activation)
+            blocks.append(DecoderBlock(d_model, num_heads, ffn, dropout, rope_base))
+        self.blocks = nn.ModuleList(blocks)
+        self.final_norm = RMSNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        self._init_weights()
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+        self._check_causal_safety()
+
+    def _init_weights(self) -> None:
+        # GPT-2 style for embeddings and attention: N(0, 0.02), output projections scaled by
+        # 1/sqrt(2·depth) (Radford et al. 2019); FFNs and experts keep their fan-in init.
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.head.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=0.02)
+            nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * self.depth))
+
+    def _check_causal_safety(self) -> None:
+        for block in self.blocks:
+            if isinstance(block.ffn, MoELayer) and not block.ffn.causal_safe:
+                router = block.ffn.router
+                raise ConfigError(
+                    f"model=lm: the router of MoE layer {block.ffn.layer_index} ({type(router).__name__}: "
+                    f"{router.extra_repr()}) routes a token depending on other tokens of the batch, so future "
+                    "tokens would leak into earlier positions of the causal LM: pick a per-token router, "
+                    "e.g. router=topk without capacity_factor (router.capacity_factor=null router.eval_capacity_factor=null)"
+                )
+
+    def forward(self, token_ids_BL: Tensor) -> Tensor:
+        """Next-token logits (B, L, V) for token ids (B, L)."""
+        x_BLD = self.embed(token_ids_BL)
+        for block in self.blocks:
+            x_BLD = block(x_BLD, token_ids_BL)
+        return self.head(self.final_norm(x_BLD))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_BL: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        max_context: int | None = None,
+    ) -> Tensor:
+        """Sample `max_new_tokens` continuations (no KV cache: each step re-runs the context,
+        cropped to `max_context` tokens). Sampling draws from `generator` (on the CPU), so a
+        fixed generator gives a fixed continuation."""
+        tokens = prompt_BL
+        for _ in range(max_new_tokens):
+            context = tokens if max_context is None else tokens[:, -max_context:]
+            logits_BV = self(context)[:, -1].float().cpu()
+            if temperature <= 0:
+                next_B1 = logits_BV.argmax(-1, keepdim=True)
+            else:
+                logits_BV = logits_BV / temperature
+                if top_k is not None:
+                    kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
+                    logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+                next_B1 = torch.multinomial(logits_BV.softmax(-1), 1, generator=generator)
+            tokens = torch.cat((tokens, next_B1.to(tokens.device)), dim=1)
+        return tokens
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count; `active=True` counts, for MoE layers, only the share of expert
+        weights one token uses (experts_per_token / experts)."""
+        total = sum(param.numel() for param in self.parameters())
+        if not active:
+            return total
+        for block in self.blocks:
+            if isinstance(block.ffn, MoELayer):
+                experts = block.ffn.experts
+                expert_params = sum(p.numel() for p in experts.parameters())
+                share = getattr(block.ffn.router, "k", 1) / block.ffn.num_experts
+                total -= round(expert_params * (1 - share))
+        return total

@@ -1,0 +1,152 @@
+"""Next-token language modelling with a MoE decoder: cross-entropy plus the layers' auxiliary losses."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from moelab.moe.layer import collect_aux_losses
+from moelab.tasks.optim import adamw_param_groups, warmup_cosine
+
+
+class LanguageModeling(L.LightningModule):
+    """Logs `train/loss`, `train/ce`, `train/aux/<name>` (mean over MoE layers, unweighted),
+    `train/tokens_per_s`, and per evaluation stage `<stage>/loss` (mean next-token
+    cross-entropy in nats over all evaluated tokens), `<stage>/ppl` = exp(loss) and, when the
+    bytes per token are known, `<stage>/bpb` = loss / (ln 2 · bytes_per_token) — bits per byte
+    of the original text (bytes_per_token = 1 on byte data).
+
+    `bytes_per_token` null takes the datamodule's `bytes_per_token` attribute (pystdlib: 1;
+    token files: from their meta.json); bpb is not logged when neither knows it.
+    At each validation, rank 0 logs `samples/continuation` to TensorBoard: `sample_tokens`
+    sampled tokens after the first `sample_prompt_tokens` of the first validation window,
+    drawn with a generator seeded by `sample_seed` (the same text for the same weights).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        bytes_per_token: float | None = None,
+        sample_tokens: int = 48,
+        sample_prompt_tokens: int = 32,
+        sample_temperature: float = 0.8,
+        sample_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        self.eval_ce = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        self._sample_prompt: Tensor | None = None
+        self._epoch_start_time: float | None = None
+        self._epoch_tokens = 0
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        return self.model(token_ids)
+
+    @property
+    def bytes_per_token(self) -> float | None:
+        if self.hparams.bytes_per_token is not None:
+            return float(self.hparams.bytes_per_token)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        value = getattr(datamodule, "bytes_per_token", None)
+        return None if value is None else float(value)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        inputs, targets = batch
+        logits = self(inputs)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        aux_total, aux_by_name = collect_aux_losses(self.model)
+        loss = ce if aux_total is None else ce + aux_total
+        self.log_dict({"train/loss": loss, "train/ce": ce}, prog_bar=True)
+        self.log_dict({f"train/aux/{name}": value for name, value in aux_by_name.items()})
+        self._log_throughput(inputs.numel())
+        return loss
+
+    def _log_throughput(self, tokens: int) -> None:
+        # Training tokens per wall-clock second since the epoch's first step (data, forward,
+        # backward, optimiser; validation excluded): an average, steadier than one step's time.
+        now = time.perf_counter()
+        if self._epoch_start_time is None:
+            self._epoch_start_time, self._epoch_tokens = now, 0
+        else:
+            self._epoch_tokens += tokens
+            self.log("train/tokens_per_s", self._epoch_tokens / max(now - self._epoch_start_time, 1e-9))
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start_time = None
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        inputs, targets = batch
+        logits = self(inputs)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        self.eval_ce[stage].update(ce, weight=targets.numel())
+
+    def _log_epoch(self, stage: str) -> None:
+        metric = self.eval_ce[stage]
+        loss = metric.compute()
+        metric.reset()
+        values = {f"{stage}/loss": loss, f"{stage}/ppl": loss.exp()}
+        bytes_per_token = self.bytes_per_token
+        if bytes_per_token:
+            values[f"{stage}/bpb"] = loss / (math.log(2) * bytes_per_token)
+        # The metric's compute() already reduced across ranks, so every rank holds the same
+        # values; sync_dist only averages equal numbers (and keeps Lightning from warning).
+        self.log_dict(values, prog_bar=stage == "val", sync_dist=True)
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        if batch_idx == 0 and self._sample_prompt is None:
+            self._sample_prompt = batch[0][:1, : self.hparams.sample_prompt_tokens].detach().clone()
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            self._log_sample()
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def sample(self, prompt: Tensor) -> Tensor:
+        """The deterministic continuation logged at each validation (new tokens only)."""
+        hp = self.hparams
+        generator = torch.Generator().manual_seed(hp.sample_seed)
+        tokens = self.model.generate(
+            prompt, hp.sample_tokens, temperature=hp.sample_temperature, generator=generator,
+            max_context=prompt.shape[1] + hp.sample_tokens,
+        )
+        return tokens[0, prompt.shape[1] :]
+
+    def _log_sample(self) -> None:
+        writers = [lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+        if not writers or self._sample_prompt is None or self.hparams.sample_tokens < 1:
+            return
+        decode = getattr(self.trainer.datamodule, "decode", None) or (lambda ids: " ".join(map(str, ids)))
+        prompt = self._sample_prompt.to(self.device)
+        continuation = self.sample(prompt)
+        # TensorBoard renders text as Markdown: indent by four spaces for a code block.
+        text = decode(prompt[0].tolist()) + "⟦" + decode(continuation.tolist()) + "⟧"
+        markdown = "\n".join("    " + line for line in text.splitlines())
+        for writer in writers:
+            writer.add_text("samples/continuation", markdown, global_step=self.global_step)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(adamw_param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = warmup_cosine(optimizer, min(hp.warmup_steps, total_steps), total_steps, hp.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

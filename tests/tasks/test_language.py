@@ -1,0 +1,70 @@
+"""The language task end to end through `run(cfg)` (experiment=lm_pystdlib, a few CPU steps),
+its metric equations, the TensorBoard sample, and the one-line refusal of a capacity router."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from moelab.train import run
+
+from ..conftest import compose_config
+
+TINY = (
+    "experiment=lm_pystdlib",
+    "trainer=debug",
+    "trainer.max_epochs=1",
+    "trainer.log_every_n_steps=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "data.max_bytes=200000",
+    "data.seq_len=32",
+    "data.batch_size=4",
+    "model.d_model=32",
+    "model.ffn_hidden=64",
+    "model.depth=2",
+    "model.num_heads=2",
+    "task.sample_tokens=8",
+    "callbacks.progress=null",
+)
+
+
+def test_lm_pystdlib_runs_and_reports_bits_per_byte(tmp_path):
+    value = run(compose_config(tmp_path, *TINY))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert value == metrics["val/bpb"]
+    for stage in ("val", "test"):
+        loss = metrics[f"{stage}/loss"]
+        assert 0 < loss < 2 * math.log(256)
+        assert metrics[f"{stage}/bpb"] == pytest.approx(loss / math.log(2), rel=1e-5)
+        assert metrics[f"{stage}/ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+    for name in ("train/loss", "train/ce", "train/aux/balance", "train/aux/zloss", "train/tokens_per_s"):
+        assert name in metrics, name
+    assert metrics["train/loss"] > metrics["train/ce"]  # the auxiliary losses are added
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    samples = events.Tensors("samples/continuation/text_summary")
+    assert len(samples) == 1
+    text = samples[0].tensor_proto.string_val[0].decode()
+    assert "⟦" in text and text.rstrip().endswith("⟧")
+
+
+def test_dense_baseline_is_one_override(tmp_path):
+    cfg = compose_config(tmp_path, *TINY, "model.moe_every=0", "trainer.limit_train_batches=2")
+    run(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert "val/bpb" in metrics and not any(name.startswith("train/aux/") for name in metrics)
+
+
+def test_capacity_router_stops_with_one_line(tmp_path):
+    cfg = compose_config(tmp_path, *TINY, "router=switch")
+    with pytest.raises(SystemExit) as info:
+        run(cfg)
+    message = str(info.value)
+    assert message.startswith("moelab: error: model=lm: the router of MoE layer")
+    assert "future tokens would leak" in message and "\n" not in message
