@@ -5,18 +5,16 @@ from __future__ import annotations
 import math
 import time
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from moelab.moe.layer import collect_aux_losses
-from moelab.tasks.optim import adamw_param_groups, warmup_cosine
+from moelab.tasks.base import MoETask
 
 
-class LanguageModeling(L.LightningModule):
+class LanguageModeling(MoETask):
     """Logs `train/loss`, `train/ce`, `train/aux/<name>` (mean over MoE layers, unweighted),
     `train/tokens_per_s`, and per evaluation stage `<stage>/loss` (mean next-token
     cross-entropy in nats over all evaluated tokens), `<stage>/ppl` = exp(loss) and, when the
@@ -67,10 +65,8 @@ class LanguageModeling(L.LightningModule):
         inputs, targets = batch
         logits = self(inputs)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        aux_total, aux_by_name = collect_aux_losses(self.model)
-        loss = ce if aux_total is None else ce + aux_total
+        loss = self.add_aux_losses(ce)
         self.log_dict({"train/loss": loss, "train/ce": ce}, prog_bar=True)
-        self.log_dict({f"train/aux/{name}": value for name, value in aux_by_name.items()})
         self._log_throughput(inputs.numel())
         return loss
 
@@ -112,7 +108,8 @@ class LanguageModeling(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+        # Sharded weights: generating needs every rank's shards, so all ranks sample.
+        if (self.trainer.is_global_zero or self.device_mesh is not None) and not self.trainer.sanity_checking:
             self._log_sample()
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -143,10 +140,3 @@ class LanguageModeling(L.LightningModule):
         markdown = "\n".join("    " + line for line in text.splitlines())
         for writer in writers:
             writer.add_text("samples/continuation", markdown, global_step=self.global_step)
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(adamw_param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        scheduler = warmup_cosine(optimizer, min(hp.warmup_steps, total_steps), total_steps, hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
