@@ -1,0 +1,111 @@
+"""End-to-end training throughput and MFU of the MoE LM and its dense twin, in one run.
+
+    python scripts/bench_train.py                               # experiment=lm_small_gpu on a GPU
+    python scripts/bench_train.py --experiment lm_pystdlib --steps 20 --peak-tflops 0   # CPU smoke run
+
+Builds the experiment through moelab.train.build (Lightning, the real task and data),
+trains `--steps` steps for the MoE model and for `model.moe_every=0` (same active FLOPs),
+and reports tokens/s over the steps after `--warmup`, and MFU over active FLOPs:
+6 · N_active + 6 · layers · seq_len · d_model per token (PaLM's formula, attention
+included), N_active = non-embedding parameters a token uses (each MoE layer: router,
+shared experts and k/E of the routed experts; the output head counted). Peak FLOP/s:
+`--peak-tflops`, or 989 for H100/H200 bf16 (dense), or none (no MFU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch import Callback
+from omegaconf import open_dict
+
+from moelab.moe.layer import moe_layers
+from moelab.train import build
+
+ROOT = Path(__file__).resolve().parents[1]
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+class StepTimer(Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.times, self.tokens = warmup, [], 0
+
+    def _sync(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._sync()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync()
+        if batch_idx >= self.warmup:
+            self.times.append(time.perf_counter() - self.start)
+            self.tokens += batch[0].numel()
+
+
+def active_parameters(model: torch.nn.Module) -> int:
+    """Parameters one token uses, embeddings excluded (a tied head is counted once, as the head)."""
+    total = sum(p.numel() for p in model.parameters())
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    tied = any(
+        isinstance(m, torch.nn.Linear) and any(m.weight is e.weight for e in model.modules() if isinstance(e, torch.nn.Embedding))
+        for m in model.modules()
+    )
+    active = total - (0 if tied else embedding)
+    for layer in moe_layers(model):
+        routed = sum(p.numel() for p in layer.experts.parameters())
+        k = getattr(layer.router, "k", 1) if layer.router.kind == "token_choice" else layer.num_experts
+        active -= routed - routed * k // layer.num_experts
+    return active
+
+
+def measure(experiment: str, steps: int, warmup: int, extra: list[str]) -> dict[str, float]:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}", "callbacks=none", "logger=csv", *extra])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(ROOT / "outputs" / "bench_train")
+        cfg.trainer.max_steps, cfg.trainer.max_epochs = steps + warmup, -1
+        cfg.trainer.limit_val_batches, cfg.trainer.num_sanity_val_steps = 0, 0
+        cfg.trainer.enable_checkpointing, cfg.trainer.enable_progress_bar = False, False
+    datamodule, task, trainer = build(cfg)
+    timer = StepTimer(warmup)
+    trainer.callbacks.append(timer)
+    trainer.fit(task, datamodule=datamodule)
+    model = task.model
+    seq_len = cfg.data.seq_len
+    flops_per_token = 6 * active_parameters(model) + 6 * cfg.model.depth * seq_len * cfg.model.d_model
+    tokens_per_s = timer.tokens / sum(timer.times)
+    return {"tokens_per_s": tokens_per_s, "flops_per_s": tokens_per_s * flops_per_token, "active": active_parameters(model)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", default="lm_small_gpu")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs (e.g. trainer.precision=bf16-mixed)")
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    peak = args.peak_tflops
+    if peak is None:
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), 0.0)
+    print(f"device: {device}, torch {torch.__version__}, experiment={args.experiment}, {args.steps} timed steps")
+    print("| model | active params | tokens/s | TFLOP/s | MFU | vs dense tokens/s |")
+    print("|---|---|---|---|---|---|")
+    moe = measure(args.experiment, args.steps, args.warmup, args.overrides)
+    dense = measure(args.experiment, args.steps, args.warmup, [*args.overrides, "model.moe_every=0"])
+    for name, r in (("MoE", moe), ("dense", dense)):
+        mfu = f"{r['flops_per_s'] / (peak * 1e12):.1%}" if peak else "—"
+        print(f"| {name} | {r['active'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | {r['flops_per_s'] / 1e12:.3f} | {mfu} | "
+              f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
