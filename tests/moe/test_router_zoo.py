@@ -315,3 +315,32 @@ def test_causal_safe_routers_route_each_token_alone(router):
     x2 = x.clone()
     x2[:, 3:] = torch.randn(2, 3, 8)
     torch.testing.assert_close(layer(x2)[:, :3], y[:, :3])
+
+
+def test_new_config_guards():
+    with pytest.raises(ConfigError, match="batch_priority=true only orders capacity drops"):
+        TopKRouter(d_model=8, num_experts=4, batch_priority=True)
+    with pytest.raises(ConfigError, match="this router renormalises, use router.k>=2"):
+        AuxFreeRouter(d_model=8, num_experts=4, k=1)
+    with pytest.raises(ConfigError, match="top-2 by definition"):
+        GShardRouter(d_model=8, num_experts=4, k=3)
+    with pytest.raises(ConfigError, match="not both"):
+        SoftMoERouter(d_model=8, num_experts=4, slots_per_expert=2, num_slots=8)
+    with pytest.raises(ConfigError, match="multiplies the router's k, and this router sets none"):
+        MoELayer(8, 16, SoftMoERouter, partial(GroupedExperts, num_experts=2, granularity=2))
+
+
+def test_aux_free_counts_load_before_capacity_drops():
+    router = AuxFreeRouter(d_model=8, num_experts=4, k=2, capacity_factor=0.5)
+    router.expert_bias_E.copy_(torch.tensor([5.0, 5.0, 0.0, 0.0]))  # everyone picks experts 0 and 1
+    plan = router(torch.randn(32, 8))
+    assert plan.tokens_per_expert_E.tolist()[:2] == [8, 8]  # capacity ⌈0.5·2·32/4⌉ = 8
+    assert router.load_since_update_E.tolist() == [32.0, 32.0, 0.0, 0.0]
+
+
+def test_combine_accumulates_in_fp32():
+    router = DenseRouter(d_model=8, num_experts=8)
+    plan = router(torch.randn(4, 8))
+    y = torch.full((32, 8), 1 / 3, dtype=torch.bfloat16)  # eight bf16 rows per token
+    exact = (plan.combine_weight_N.float()[:, None] * y.float()).reshape(8, 4, 8).sum(0)
+    torch.testing.assert_close(plan.combine(y).float(), exact, atol=4e-3, rtol=0)

@@ -68,3 +68,15 @@ def test_capacity_router_stops_with_one_line(tmp_path):
     message = str(info.value)
     assert message.startswith("moelab: error: model=lm: the router of MoE layer")
     assert "future tokens would leak" in message and "\n" not in message
+
+
+def test_weight_decay_skips_normalised_embeddings():
+    from functools import partial
+
+    from moelab.moe import CosineRouter, GroupedExperts, MoELayer
+    from moelab.tasks.optim import adamw_param_groups
+
+    layer = MoELayer(8, 16, partial(CosineRouter, k=2), partial(GroupedExperts, num_experts=4))
+    decay, no_decay = adamw_param_groups(layer, 0.1)
+    assert any(p is layer.router.expert_embeddings for p in no_decay["params"])
+    assert any(p is layer.router.project.weight for p in decay["params"])

@@ -13,7 +13,7 @@ from moelab.models.placement import moe_layer_indices
 from moelab.moe.errors import ConfigError
 from moelab.moe.layer import MoELayer
 
-FFN_ACTIVATIONS = ("gelu", "swiglu")
+FFN_ACTIVATIONS = ("gelu", "swiglu", "geglu")
 
 
 class RMSNorm(nn.Module):
@@ -77,14 +77,15 @@ class CausalSelfAttention(nn.Module):
 
 class FeedForward(nn.Module):
     """The dense FFN, with the experts' activations and initialisation (so dense and MoE start alike):
-    gelu: W2 · GELU(W1 x); swiglu: W2 · (SiLU(W1 x) ⊙ W3 x) (Shazeer 2020)."""
+    gelu: W2 · GELU(W1 x); swiglu: W2 · (SiLU(W1 x) ⊙ W3 x); geglu: GELU in place of SiLU (Shazeer 2020)."""
 
     def __init__(self, d_model: int, hidden: int, activation: str = "swiglu") -> None:
         super().__init__()
         if activation not in FFN_ACTIVATIONS:
             raise ConfigError(f"model.ffn_activation='{activation}' is unknown: pick one of {', '.join(FFN_ACTIVATIONS)}")
         self.w1 = nn.Linear(d_model, hidden, bias=False)
-        self.w3 = nn.Linear(d_model, hidden, bias=False) if activation == "swiglu" else None
+        self.activation = activation
+        self.w3 = nn.Linear(d_model, hidden, bias=False) if activation != "gelu" else None
         self.w2 = nn.Linear(hidden, d_model, bias=False)
         for linear in (self.w1, self.w3):
             if linear is not None:
@@ -93,7 +94,10 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         h = self.w1(x)
-        h = F.gelu(h) if self.w3 is None else F.silu(h) * self.w3(x)
+        if self.w3 is None:
+            h = F.gelu(h)
+        else:
+            h = (F.silu(h) if self.activation == "swiglu" else F.gelu(h)) * self.w3(x)
         return self.w2(h)
 
 

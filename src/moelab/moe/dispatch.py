@@ -16,12 +16,13 @@ from moelab.moe.routing import Routing, RoutingContext
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """C = ⌈cf · k · T / E⌉ rows per expert (Switch Transformer, Fedus et al. 2021, eq. 3)."""
+    """C = ⌈cf · k · T / E⌉ rows per expert (Switch Transformer, Fedus et al. 2021, eq. 3),
+    at most T (an expert cannot receive a token twice)."""
     if capacity_factor <= 0:
         raise ConfigError(
             f"capacity_factor={capacity_factor} must be > 0 (or null for dropless routing)"
         )
-    return math.ceil(capacity_factor * top_k * num_tokens / num_experts)
+    return min(num_tokens, math.ceil(capacity_factor * top_k * num_tokens / num_experts))
 
 
 def token_choice_routing(

@@ -44,8 +44,13 @@ class MoELayer(nn.Module):
         self.shared_experts = make_shared() if make_shared else None
         router_overrides = {"num_experts": self.experts.num_experts}
         granularity = getattr(self.experts, "granularity", 1)
-        factory_k = getattr(router, "keywords", {}).get("k")
-        if granularity > 1 and factory_k is not None:
+        if granularity > 1:
+            factory_k = getattr(router, "keywords", {}).get("k")
+            if factory_k is None:
+                raise ConfigError(
+                    f"expert.granularity={granularity} multiplies the router's k, and this router sets none: "
+                    "use a top-k router (topk, noisy_topk, cosine, aux_free, sinkhorn) with router.k, or granularity=1"
+                )
             router_overrides["k"] = factory_k * granularity
         self.router = router(d_model=d_model, **router_overrides)
         weights = {name: float(w) for name, w in (aux_loss_weights or {}).items()}

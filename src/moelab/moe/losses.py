@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from moelab.moe.routing import Routing
+from moelab.moe.routing import Routing, mean_entropy
 
 
 def _assignment_counts(selected_TK: Tensor, num_experts: int) -> Tensor:
@@ -73,8 +73,7 @@ def load_loss(plan: Routing) -> Tensor:
 def entropy_loss(plan: Routing) -> Tensor:
     """Mean router entropy over tokens, −Σ_i p_t,i log p_t,i. A positive weight makes
     routing more decisive, a negative one more uniform."""
-    probs_TE = plan.router_probs_TE
-    return -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
+    return mean_entropy(plan.router_probs_TE)
 
 
 AUX_LOSSES: dict[str, Callable[[Routing], Tensor]] = {

@@ -49,6 +49,7 @@ class TokenChoiceRouter(nn.Module):
 
     kind = "token_choice"
     supported_losses = TOKEN_CHOICE_LOSSES
+    normalize_configurable = True  # False for routers whose weights are always renormalised
 
     def __init__(
         self,
@@ -66,12 +67,14 @@ class TokenChoiceRouter(nn.Module):
                 f"router.k={k} must be between 1 and experts={num_experts}: lower router.k or raise experts"
             )
         if k == 1 and normalize:
+            fix = "set router.normalize=false" if self.normalize_configurable else "this router renormalises, use router.k>=2"
             raise ConfigError(
-                "router.k=1 with router.normalize=true makes every weight 1, so the router "
-                "gets no gradient from the task: set router.normalize=false"
+                f"router.k=1 with renormalised weights makes every weight 1, so the router gets no gradient from the task: {fix}"
             )
         _check_factor("capacity_factor", capacity_factor)
         _check_factor("eval_capacity_factor", eval_capacity_factor)
+        if batch_priority and capacity_factor is None and eval_capacity_factor is None:
+            raise ConfigError("router.batch_priority=true only orders capacity drops: set router.capacity_factor")
         self.num_experts = num_experts
         self.k = k
         self.normalize = normalize
@@ -162,14 +165,19 @@ class GShardRouter(TokenChoiceRouter):
     without e1, g1 and g2 renormalised over the pair; in training the second expert is
     used only if 2·g2 > u, u ~ U(0, 1) (at eval both are used)."""
 
+    normalize_configurable = False
+
     def __init__(
         self,
         d_model: int,
         num_experts: int,
+        k: int = 2,
         capacity_factor: float | None = None,
         eval_capacity_factor: float | None = None,
         batch_priority: bool = False,
     ) -> None:
+        if k != 2:
+            raise ConfigError(f"router=gshard is top-2 by definition (router.k={k}): use router=topk for other k")
         super().__init__(num_experts, 2, True, capacity_factor, eval_capacity_factor, batch_priority)
         self.gate = linear_gate(d_model, num_experts)
 
@@ -195,6 +203,7 @@ class NoisyTopKRouter(TokenChoiceRouter):
     """
 
     supported_losses = TOKEN_CHOICE_LOSSES | {"load"}
+    normalize_configurable = False
 
     def __init__(
         self,
@@ -226,8 +235,8 @@ class NoisyTopKRouter(TokenChoiceRouter):
         top_TK1 = noisy_TE.topk(self.k + 1, dim=-1).values
         kth_T1, kplus1_T1 = top_TK1[:, self.k - 1 : self.k], top_TK1[:, self.k :]
         threshold_TE = torch.where(noisy_TE >= kth_T1, kplus1_T1, kth_T1)
-        normal = torch.distributions.Normal(0.0, 1.0)
-        load_E = normal.cdf((clean_TE - threshold_TE) / noise_std_TE).sum(0)
+        # Φ via ndtr: torch.distributions.Normal validates its input, a host sync per step.
+        load_E = torch.special.ndtr((clean_TE - threshold_TE) / noise_std_TE).sum(0)
         probs_TE = noisy_TE.softmax(-1)
         return self.plan(clean_TE, probs_TE, noisy_TE, probs_TE, context, load_estimate_E=load_E)
 
@@ -236,6 +245,10 @@ class CosineRouter(TokenChoiceRouter):
     """Cosine routing (X-MoE, Chi et al. 2022): s_t,i = ⟨W_p x_t, e_i⟩ / (τ ‖W_p x_t‖ ‖e_i‖),
     W_p a projection to `dim` (low) dimensions, e_i learned expert embeddings, τ a learned
     temperature (its log clamped so τ ≥ `min_temperature`); top-k of softmax(s)."""
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's convention: parameters AdamW should not decay (L2-normalised in forward)."""
+        return {"expert_embeddings"}
 
     def __init__(
         self,
@@ -276,8 +289,11 @@ class AuxFreeRouter(TokenChoiceRouter):
     s = σ(h); experts are selected by top-k of s_i + b_i, weighted by s_i / Σ_selected s_j
     (the bias b is not in the weights). After each optimizer step `update_bias()` sets
     b_i ← b_i + γ · sign(mean_j c_j − c_i), c_i the tokens routed to i since the last
-    update (summed over ranks when torch.distributed is initialised). b is a buffer.
+    update, counted before any capacity drop (summed over ranks when torch.distributed is
+    initialised). b is a buffer.
     """
+
+    normalize_configurable = False
 
     def __init__(
         self,
@@ -302,7 +318,8 @@ class AuxFreeRouter(TokenChoiceRouter):
         selection_TE = scores_TE.detach() + self.expert_bias_E
         plan = self.plan(logits_TE, scores_TE / scores_TE.sum(-1, keepdim=True), selection_TE, scores_TE, context)
         if self.training:
-            self.load_since_update_E += plan.tokens_per_expert_E.detach().float()
+            chosen = plan.selected_experts_TK.reshape(-1)
+            self.load_since_update_E.scatter_add_(0, chosen, torch.ones_like(chosen, dtype=self.load_since_update_E.dtype))
         return plan
 
     @torch.no_grad()
@@ -477,6 +494,8 @@ class SoftMoERouter(nn.Module):
         super().__init__()
         check_num_experts(num_experts)
         if num_slots is not None:
+            if slots_per_expert != 1:
+                raise ConfigError("set router.num_slots or router.slots_per_expert, not both")
             if num_slots < num_experts or num_slots % num_experts:
                 raise ConfigError(f"router.num_slots={num_slots} must be a positive multiple of experts={num_experts}")
             slots_per_expert = num_slots // num_experts
@@ -485,6 +504,10 @@ class SoftMoERouter(nn.Module):
         self.num_experts, self.slots_per_expert = num_experts, slots_per_expert
         self.slot_embeddings_DS = nn.Parameter(torch.randn(d_model, num_experts * slots_per_expert) * d_model**-0.5)
         self.scale = nn.Parameter(torch.ones(1))  # 1-D: FSDP shards no scalars
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's convention: parameters AdamW should not decay (L2-normalised in forward)."""
+        return {"slot_embeddings_DS"}
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> SoftRouting:
         num_sequences = 1 if context is None else context.num_sequences

@@ -90,10 +90,11 @@ class Routing:
         return x_TD[self.token_index_N], self.group_sizes_E
 
     def combine(self, y_ND: Tensor) -> Tensor:
-        """Weighted sum of each token's expert outputs, (T, D); a token with no kept row gets 0."""
-        weighted_ND = y_ND * self.combine_weight_N.unsqueeze(-1).to(y_ND.dtype)
-        out_TD = y_ND.new_zeros(self.num_tokens, y_ND.shape[-1])
-        return out_TD.index_add(0, self.token_index_N, weighted_ND)
+        """Weighted sum of each token's expert outputs, (T, D), accumulated in fp32 (k rows,
+        E for dense gating, per token); a token with no kept row gets 0."""
+        weighted_ND = y_ND.float() * self.combine_weight_N.unsqueeze(-1).float()
+        out_TD = weighted_ND.new_zeros(self.num_tokens, y_ND.shape[-1])
+        return out_TD.index_add(0, self.token_index_N, weighted_ND).to(y_ND.dtype)
 
     def expert_index_N(self) -> Tensor:
         """The expert each grouped row belongs to."""
@@ -119,7 +120,8 @@ class Routing:
 
         tokens_per_expert: real rows per expert. unrouted_fraction: share of tokens that
         reached no expert (dropped by capacity, or taken by no expert). dropped_fraction:
-        share of token-choice assignments dropped by capacity (0 without choices).
+        share of token-choice assignments not processed: capacity drops, and GShard's random
+        second-expert skips in training (0 without choices).
         router_entropy: mean over tokens of −Σ_i p_i log p_i.
         """
         probs = self.router_probs_TE.detach()
@@ -131,11 +133,12 @@ class Routing:
             "tokens_per_expert": self.tokens_per_expert_E.detach(),
             "unrouted_fraction": 1.0 - reached_T.float().mean(),
             "dropped_fraction": dropped,
-            "router_entropy": _entropy(probs),
+            "router_entropy": mean_entropy(probs),
         }
 
 
-def _entropy(probs_TE: Tensor) -> Tensor:
+def mean_entropy(probs_TE: Tensor) -> Tensor:
+    """Mean over tokens of −Σ_i p_i log p_i, rows renormalised to sum to 1."""
     probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
     return -(probs_TE * probs_TE.clamp_min(1e-20).log()).sum(-1).mean()
 
@@ -213,5 +216,5 @@ class SoftRouting:
             "tokens_per_expert": self.tokens_per_expert_E,
             "unrouted_fraction": zero,
             "dropped_fraction": zero,
-            "router_entropy": _entropy(self.router_probs_TE.detach().float()),
+            "router_entropy": mean_entropy(self.router_probs_TE.detach().float()),
         }

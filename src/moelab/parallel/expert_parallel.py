@@ -51,8 +51,8 @@ class ExpertParallelExchange:
         send_counts_RL = group_sizes_E.reshape(R, L).contiguous()
         recv_counts_RL = torch.empty_like(send_counts_RL)
         dist.all_to_all_single(recv_counts_RL, send_counts_RL, group=self.group)
-        send_splits = send_counts_RL.sum(1).tolist()
-        recv_splits = recv_counts_RL.sum(1).tolist()
+        splits = torch.cat([send_counts_RL.sum(1), recv_counts_RL.sum(1)]).tolist()  # the one host sync
+        send_splits, recv_splits = splits[:R], splits[R:]
 
         received_MD = self._all_to_all(x_ND, recv_splits, send_splits)
         # Arrived grouped by (source rank, local expert): regroup by local expert.

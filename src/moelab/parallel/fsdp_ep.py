@@ -17,6 +17,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moelab.moe.errors import ConfigError
+from moelab.moe.experts import local_part
 from moelab.moe.layer import moe_layers
 from moelab.parallel.expert_parallel import ExpertParallelExchange
 
@@ -81,7 +82,7 @@ def expert_parameter_bytes(model: nn.Module) -> int:
     total = 0
     for layer in moe_layers(model):
         for weight in layer.experts.expert_weights().values():
-            local = weight.to_local() if isinstance(weight, DTensor) else weight
+            local = local_part(weight)
             total += local.numel() * local.element_size()
     return total
 
@@ -100,12 +101,11 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     grads = [p.grad for p in parameters if p.grad is not None]
     local_sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
     for grad in grads:
-        local = grad.to_local() if isinstance(grad, DTensor) else grad
-        local_sq = local_sq + local.float().square().sum()
+        local_sq = local_sq + local_part(grad).float().square().sum()
     if is_distributed():
         dist.all_reduce(local_sq)
     total = local_sq.sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for grad in grads:
-        (grad.to_local() if isinstance(grad, DTensor) else grad).mul_(scale.to(grad.dtype))
+        local_part(grad).mul_(scale.to(grad.dtype))
     return total

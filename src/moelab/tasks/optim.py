@@ -9,11 +9,19 @@ from torch import nn
 
 
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay weight matrices and expert weight stacks (ndim ≥ 2); not biases, norms or embeddings' scalars."""
+    """Decay weight matrices and expert weight stacks (ndim ≥ 2); not biases, norms, scalars,
+    nor what a module's `no_weight_decay()` names (timm's convention: position embeddings,
+    L2-normalised router embeddings)."""
+    exempt = {
+        f"{module_name}.{name}" if module_name else name
+        for module_name, module in model.named_modules()
+        if callable(getattr(module, "no_weight_decay", None))
+        for name in module.no_weight_decay()
+    }
     decay, no_decay = [], []
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if param.ndim >= 2 and name not in exempt else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
