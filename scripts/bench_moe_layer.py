@@ -17,23 +17,12 @@ import time
 from functools import partial
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from moelab.moe import ExpertChoiceRouter, GroupedExperts, MoELayer, SoftMoERouter, TopKRouter
+from moelab.moe.experts import DenseFFN
 
 # (experts, k, expert hidden F) from the issue: Mixtral-like, fine-grained, very fine-grained.
 CONFIGS = [(8, 2, 2816), (64, 2, 1024), (64, 8, 384)]
-
-
-class DenseSwiGLU(nn.Module):
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.w1, self.w3 = nn.Linear(d_model, hidden, bias=False), nn.Linear(d_model, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def hf_mixtral(d_model: int, hidden: int, experts: int, k: int):
@@ -89,7 +78,7 @@ def main() -> None:
         x = torch.randn(sequences, args.seq_len, args.d_model, device=device, requires_grad=True)
         swiglu = partial(GroupedExperts, num_experts=experts, activation="swiglu")
         layers = {
-            "dense": DenseSwiGLU(args.d_model, k * hidden),
+            "dense": DenseFFN(args.d_model, k * hidden, "swiglu"),
             "moelab": MoELayer(args.d_model, hidden, partial(TopKRouter, k=k), swiglu),
             "ec": MoELayer(args.d_model, hidden, partial(ExpertChoiceRouter, capacity_factor=float(k)), swiglu),
             "soft": MoELayer(args.d_model, hidden, partial(SoftMoERouter, slots_per_expert=max(1, k * args.seq_len // experts)), swiglu),

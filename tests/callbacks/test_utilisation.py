@@ -94,8 +94,6 @@ def test_bad_schedule_is_a_config_error():
 
 def test_statistics_exist_for_every_router_kind():
     """Every router's plan yields the utilisation numbers (Soft MoE has no router logits, so no router_z)."""
-    from functools import partial
-
     import torch
     from hydra.utils import instantiate
     from omegaconf import OmegaConf

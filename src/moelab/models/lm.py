@@ -11,10 +11,8 @@ from torch import Tensor, nn
 
 from moelab.models.placement import moe_layer_indices
 from moelab.moe.errors import ConfigError
+from moelab.moe.experts import DenseFFN
 from moelab.moe.layer import MoELayer
-
-FFN_ACTIVATIONS = ("gelu", "swiglu", "geglu")
-
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich 2019, eq. 4): y = x / RMS(x) · g,
@@ -75,32 +73,6 @@ class CausalSelfAttention(nn.Module):
         return self.proj(out_BHLD.transpose(1, 2).reshape(batch, seq_len, d_model))
 
 
-class FeedForward(nn.Module):
-    """The dense FFN, with the experts' activations and initialisation (so dense and MoE start alike):
-    gelu: W2 · GELU(W1 x); swiglu: W2 · (SiLU(W1 x) ⊙ W3 x); geglu: GELU in place of SiLU (Shazeer 2020)."""
-
-    def __init__(self, d_model: int, hidden: int, activation: str = "swiglu") -> None:
-        super().__init__()
-        if activation not in FFN_ACTIVATIONS:
-            raise ConfigError(f"model.ffn_activation='{activation}' is unknown: pick one of {', '.join(FFN_ACTIVATIONS)}")
-        self.w1 = nn.Linear(d_model, hidden, bias=False)
-        self.activation = activation
-        self.w3 = nn.Linear(d_model, hidden, bias=False) if activation != "gelu" else None
-        self.w2 = nn.Linear(hidden, d_model, bias=False)
-        for linear in (self.w1, self.w3):
-            if linear is not None:
-                nn.init.normal_(linear.weight, std=d_model**-0.5)
-        nn.init.normal_(self.w2.weight, std=hidden**-0.5)
-
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
-        h = self.w1(x)
-        if self.w3 is None:
-            h = F.gelu(h)
-        else:
-            h = (F.silu(h) if self.activation == "swiglu" else F.gelu(h)) * self.w3(x)
-        return self.w2(h)
-
-
 class DecoderBlock(nn.Module):
     """x + Attn(RMSNorm(x)), then + FFN(RMSNorm(x)); the FFN is dense or a MoELayer."""
 
@@ -114,7 +86,9 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x_BLD: Tensor, token_ids_BL: Tensor) -> Tensor:
         x_BLD = x_BLD + self.dropout(self.attn(self.attn_norm(x_BLD)))
-        return x_BLD + self.dropout(self.ffn(self.ffn_norm(x_BLD), token_ids=token_ids_BL))
+        h_BLD = self.ffn_norm(x_BLD)
+        ffn_BLD = self.ffn(h_BLD, token_ids=token_ids_BL) if isinstance(self.ffn, MoELayer) else self.ffn(h_BLD)
+        return x_BLD + self.dropout(ffn_BLD)
 
 
 class MoELM(nn.Module):
@@ -166,7 +140,7 @@ class MoELM(nn.Module):
                     d_model, expert_hidden, router=router, experts=expert, aux_loss_weights=aux_loss_weights, layer_index=i
                 )
             else:
-                ffn = FeedForward(d_model, ffn_hidden, ffn_activation)
+                ffn = DenseFFN(d_model, ffn_hidden, ffn_activation)
             blocks.append(DecoderBlock(d_model, num_heads, ffn, dropout, rope_base))
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = RMSNorm(d_model)

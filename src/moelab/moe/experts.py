@@ -99,12 +99,12 @@ class GroupedExperts(nn.Module):
         """The (E, …) weight stacks, by attribute name: what expert parallelism splits."""
         return {name: w for name in ("w1_EDF", "w3_EDF", "w2_EFD") if (w := getattr(self, name)) is not None}
 
-    def make_shared_experts(self) -> "SharedExperts | None":
+    def make_shared_experts(self) -> "DenseFFN | None":
         """The always-on shared experts this config asks for (a separate dense module, so
         sharding treats them like any dense layer), or None."""
         if not self.num_shared:
             return None
-        return SharedExperts(self.d_model, self.num_shared * self.hidden, self.activation, self.dropout.p)
+        return DenseFFN(self.d_model, self.num_shared * self.hidden, self.activation, self.dropout.p)
 
     def extra_repr(self) -> str:
         return (
@@ -113,12 +113,16 @@ class GroupedExperts(nn.Module):
         )
 
 
-class SharedExperts(nn.Module):
-    """Shared experts (DeepSeekMoE, Dai et al. 2024): n always-on experts of hidden size F,
-    computed together as one dense FFN of hidden n·F on every token."""
+class DenseFFN(nn.Module):
+    """One dense feed-forward network with the experts' activations and initialisation:
+    the dense FFN of a model's non-MoE blocks (so dense and MoE start alike), and the
+    shared experts of DeepSeekMoE (Dai et al. 2024): n always-on experts of hidden size F
+    computed together as one FFN of hidden n·F on every token."""
 
     def __init__(self, d_model: int, hidden: int, activation: str = "gelu", dropout: float = 0.0) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"FFN activation '{activation}' is unknown: pick one of {', '.join(ACTIVATIONS)}")
         self.activation = activation
         self.w1_DH = nn.Parameter(torch.randn(d_model, hidden) * d_model**-0.5)
         self.w3_DH = nn.Parameter(torch.randn(d_model, hidden) * d_model**-0.5) if activation != "gelu" else None
