@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch import Callback
 from omegaconf import open_dict
 
-from moelab.moe.layer import moe_layers
+from moelab.moe.layer import active_parameters
 from moelab.train import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,20 +49,12 @@ class StepTimer(Callback):
             self.tokens += batch[0].numel()
 
 
-def active_parameters(model: torch.nn.Module) -> int:
+def active_non_embedding_parameters(model: torch.nn.Module) -> int:
     """Parameters one token uses, embeddings excluded (a tied head is counted once, as the head)."""
-    total = sum(p.numel() for p in model.parameters())
-    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    tied = any(
-        isinstance(m, torch.nn.Linear) and any(m.weight is e.weight for e in model.modules() if isinstance(e, torch.nn.Embedding))
-        for m in model.modules()
-    )
-    active = total - (0 if tied else embedding)
-    for layer in moe_layers(model):
-        routed = sum(p.numel() for p in layer.experts.parameters())
-        k = getattr(layer.router, "k", 1) if layer.router.kind == "token_choice" else layer.num_experts
-        active -= routed - routed * k // layer.num_experts
-    return active
+    embeddings = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    heads = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    untied = sum(e.numel() for e in embeddings if not any(e is h for h in heads))
+    return active_parameters(model) - untied
 
 
 def measure(experiment: str, steps: int, warmup: int, extra: list[str]) -> dict[str, float]:
@@ -79,9 +71,10 @@ def measure(experiment: str, steps: int, warmup: int, extra: list[str]) -> dict[
     trainer.fit(task, datamodule=datamodule)
     model = task.model
     seq_len = cfg.data.seq_len
-    flops_per_token = 6 * active_parameters(model) + 6 * cfg.model.depth * seq_len * cfg.model.d_model
+    active = active_non_embedding_parameters(model)
+    flops_per_token = 6 * active + 6 * cfg.model.depth * seq_len * cfg.model.d_model
     tokens_per_s = timer.tokens / sum(timer.times)
-    return {"tokens_per_s": tokens_per_s, "flops_per_s": tokens_per_s * flops_per_token, "active": active_parameters(model)}
+    return {"tokens_per_s": tokens_per_s, "flops_per_s": tokens_per_s * flops_per_token, "active": active}
 
 
 def main() -> None:

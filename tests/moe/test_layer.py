@@ -84,3 +84,20 @@ def test_granularity_must_divide_hidden():
 def test_unaligned_expert_sizes_are_rejected():
     with pytest.raises(ConfigError, match="divisible by 8"):
         GroupedExperts(d_model=12, hidden=32, num_experts=2)
+
+
+def test_active_parameters_count_experts_per_token():
+    from moelab.moe import DenseRouter, ExpertChoiceRouter
+    from moelab.moe.layer import active_parameters
+
+    def count(router):
+        layer = MoELayer(16, 32, router, partial(GroupedExperts, num_experts=4))
+        routed = sum(p.numel() for p in layer.experts.parameters())
+        return active_parameters(layer), sum(p.numel() for p in layer.parameters()), routed
+
+    active, total, routed = count(partial(TopKRouter, k=2))
+    assert active == total - routed // 2
+    active, total, routed = count(DenseRouter)
+    assert active == total
+    active, total, routed = count(partial(ExpertChoiceRouter, capacity_factor=1.0))
+    assert active == total - routed * 3 // 4

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from moelab.models.placement import moe_layer_indices
 from moelab.moe.errors import ConfigError
 from moelab.moe.experts import DenseFFN
-from moelab.moe.layer import MoELayer
+from moelab.moe.layer import MoELayer, active_parameters
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich 2019, eq. 4): y = x / RMS(x) · g,
@@ -207,14 +207,5 @@ class MoELM(nn.Module):
 
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count; `active=True` counts, for MoE layers, only the share of expert
-        weights one token uses (experts_per_token / experts)."""
-        total = sum(param.numel() for param in self.parameters())
-        if not active:
-            return total
-        for block in self.blocks:
-            if isinstance(block.ffn, MoELayer):
-                experts = block.ffn.experts
-                expert_params = sum(p.numel() for p in experts.parameters())
-                share = getattr(block.ffn.router, "k", 1) / block.ffn.num_experts
-                total -= round(expert_params * (1 - share))
-        return total
+        weights one token uses (see moelab.moe.layer.active_parameters)."""
+        return active_parameters(self) if active else sum(param.numel() for param in self.parameters())

@@ -114,6 +114,18 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
+def active_parameters(model: nn.Module) -> int:
+    """Parameters one token uses: all of them, except that each MoE layer counts only the
+    share experts_per_token / E of its routed experts (Soft MoE, whose share depends on the
+    sequence length, counts as 1 expert per token)."""
+    total = sum(param.numel() for param in model.parameters())
+    for layer in moe_layers(model):
+        routed = sum(param.numel() for param in layer.experts.parameters())
+        share = getattr(layer.router, "experts_per_token", 1) / layer.num_experts
+        total -= round(routed * (1 - min(share, 1.0)))
+    return total
+
+
 def collect_aux_losses(model: nn.Module) -> tuple[Tensor | None, dict[str, Tensor]]:
     """The one place auxiliary losses are summed: (total weighted loss over all layers,
     unweighted value of each named loss averaged over layers)."""

@@ -83,6 +83,11 @@ class TokenChoiceRouter(nn.Module):
         self.batch_priority = batch_priority
 
     @property
+    def experts_per_token(self) -> float:
+        """Experts one token uses (before drops): what sets the active parameters."""
+        return self.k
+
+    @property
     def causal_safe(self) -> bool:
         """Capacity breaks per-token routing: whether a token keeps its expert depends on
         the other tokens of the batch, later positions included."""
@@ -390,6 +395,7 @@ class HashRouter(nn.Module):
     kind = "hash"
     supported_losses = frozenset()
     causal_safe = True
+    experts_per_token = 1
 
     def __init__(self, d_model: int, num_experts: int, key: str = "token_id", num_buckets: int = 65536, seed: int = 0) -> None:
         super().__init__()
@@ -430,6 +436,10 @@ class DenseRouter(nn.Module):
     supported_losses = frozenset({"zloss", "importance", "entropy"})
     causal_safe = True
 
+    @property
+    def experts_per_token(self) -> int:
+        return self.num_experts
+
     def __init__(self, d_model: int, num_experts: int) -> None:
         super().__init__()
         check_num_experts(num_experts)
@@ -452,6 +462,11 @@ class ExpertChoiceRouter(nn.Module):
     kind = "expert_choice"
     supported_losses = frozenset({"zloss", "entropy"})
     causal_safe = False  # which tokens an expert takes depends on the whole batch
+
+    @property
+    def experts_per_token(self) -> float:
+        """On average: E experts take c = cf·T/E tokens each."""
+        return self.capacity_factor
 
     def __init__(self, d_model: int, num_experts: int, capacity_factor: float = 1.0) -> None:
         super().__init__()
