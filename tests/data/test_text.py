@@ -75,16 +75,21 @@ def test_eval_windows_tile_the_stream_and_targets_are_shifted_inputs(fake_stdlib
     assert torch.equal(inputs, stream[:n]) and torch.equal(targets, stream[1 : n + 1])
 
 
-def test_training_windows_are_random_seeded_and_fresh_each_epoch(fake_stdlib):
+def test_training_windows_come_from_seed_and_epoch_only(fake_stdlib):
     module = windows_module(fake_stdlib, train_steps_per_epoch=3)
     loader = module.train_dataloader()
-    epoch_one, epoch_two = [list(loader) for _ in range(2)]
+    epoch_zero = list(loader)
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch_zero, list(loader)))  # no set_epoch: same epoch
+    loader.sampler.set_epoch(1)
+    epoch_one = list(loader)
     assert len(epoch_one) == 3 and epoch_one[0][0].shape == (4, 16)
-    assert not torch.equal(epoch_one[0][0], epoch_two[0][0])
+    assert not torch.equal(epoch_zero[0][0], epoch_one[0][0])
     x, y = epoch_one[0]
     assert torch.equal(x[:, 1:], y[:, :-1])
-    again = list(windows_module(fake_stdlib, train_steps_per_epoch=3).train_dataloader())
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch_one, again))
+    again = windows_module(fake_stdlib, train_steps_per_epoch=3).train_dataloader()
+    again.sampler.set_epoch(1)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epoch_one, list(again)))
     assert list(RandomWindowSampler(100, 5, seed=1)) != list(RandomWindowSampler(100, 5, seed=2))
 
 
@@ -177,6 +182,11 @@ def test_every_ddp_rank_gets_train_steps_per_epoch_batches(fake_stdlib):
     from types import SimpleNamespace
 
     module = windows_module(fake_stdlib, train_steps_per_epoch=3)
-    assert len(module.train_dataloader().sampler) == 3 * 4
-    module.trainer = SimpleNamespace(world_size=2)  # Lightning then splits the windows over 2 ranks
-    assert len(module.train_dataloader().sampler) == 2 * 3 * 4
+    single = list(module.train_dataloader().sampler)
+    assert len(single) == 3 * 4
+    ranks = []
+    for rank in range(2):
+        module.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        ranks.append(list(module.train_dataloader().sampler))
+    assert [len(r) for r in ranks] == [3 * 4, 3 * 4]
+    assert ranks[0] != ranks[1]  # each rank its own windows

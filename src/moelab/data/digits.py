@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
+from moelab.data.sampling import ResumableDataModule, ShuffleSampler, check_loader_args, evaluation_loader, world_of
+from moelab.moe.errors import ConfigError
 
-class DigitsDataModule(L.LightningDataModule):
+
+class DigitsDataModule(ResumableDataModule):
     """Digits split into train / val / test by a fixed seeded permutation.
 
     Pixels (0..16) are scaled to [0, 1] and standardised with the training split's mean
-    and std. Images are (1, 8, 8) float tensors, labels 0..9.
+    and std. Images are (1, 8, 8) float tensors, labels 0..9. Training batches are a fresh
+    permutation per epoch, seeded by (seed, epoch); a resumed run continues mid-epoch.
     """
 
     num_classes = 10
@@ -26,10 +29,12 @@ class DigitsDataModule(L.LightningDataModule):
         test_fraction: float = 0.15,
         split_seed: int = 0,
         num_workers: int = 0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        check_loader_args(batch_size, num_workers)
         if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
-            raise ValueError("data.val_fraction and data.test_fraction must be > 0 and sum to < 1")
+            raise ConfigError("data.val_fraction and data.test_fraction must be > 0 and sum to < 1")
         self.save_hyperparameters()
         self.splits: dict[str, TensorDataset] = {}
         self.indices: dict[str, torch.Tensor] = {}  # rows of load_digits() in each split
@@ -55,19 +60,13 @@ class DigitsDataModule(L.LightningDataModule):
             name: TensorDataset((images[idx] - mean) / std, labels[idx]) for name, idx in index.items()
         }
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        world_size, rank = world_of(self.trainer)
+        sampler = ShuffleSampler(len(self.splits["train"]), self.hparams.seed, world_size, rank)
+        return self.training_loader(self.splits["train"], sampler, self.hparams.batch_size, self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return evaluation_loader(self.splits["val"], self.hparams.batch_size, self.hparams.num_workers, self.hparams.seed)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return evaluation_loader(self.splits["test"], self.hparams.batch_size, self.hparams.num_workers, self.hparams.seed)

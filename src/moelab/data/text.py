@@ -13,13 +13,19 @@ import importlib.util
 import json
 import sysconfig
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Mapping
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from moelab.data.sampling import (  # noqa: F401 - RandomWindowSampler is part of this module's API
+    RandomWindowSampler,
+    ResumableDataModule,
+    check_loader_args,
+    evaluation_loader,
+    world_of,
+)
 from moelab.moe.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -42,27 +48,7 @@ class TokenWindows(Dataset):
         return window[:-1], window[1:]
 
 
-class RandomWindowSampler(Sampler[int]):
-    """`num_samples` window indices per epoch drawn uniformly with replacement from a generator
-    seeded by (seed, epoch), so every epoch sees fresh windows and a run is reproducible.
-
-    Not a RandomSampler on purpose: Lightning would replace that with a DistributedSampler
-    over every window under DDP; a custom sampler is split across ranks instead.
-    """
-
-    def __init__(self, num_windows: int, num_samples: int, seed: int = 0) -> None:
-        self.num_windows, self.num_samples, self.seed, self.epoch = num_windows, num_samples, seed, 0
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        self.epoch += 1
-        yield from torch.randint(self.num_windows, (self.num_samples,), generator=generator).tolist()
-
-
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(ResumableDataModule):
     """Shared windowing for token streams; subclasses provide `load_splits()` (split → 1-D ids).
 
     seq_len: tokens per input window. train_steps_per_epoch: batches per training epoch
@@ -84,10 +70,12 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if seq_len < 1 or batch_size < 1 or train_steps_per_epoch < 1:
+        check_loader_args(batch_size, num_workers)
+        if eval_batch_size is not None:
+            check_loader_args(eval_batch_size, num_workers)
+        if seq_len < 1 or train_steps_per_epoch < 1:
             raise ConfigError(
-                f"data.seq_len={seq_len}, data.batch_size={batch_size} and "
-                f"data.train_steps_per_epoch={train_steps_per_epoch} must all be >= 1"
+                f"data.seq_len={seq_len} and data.train_steps_per_epoch={train_steps_per_epoch} must both be >= 1"
             )
         self.seq_len, self.batch_size, self.train_steps_per_epoch = seq_len, batch_size, train_steps_per_epoch
         self.eval_batch_size = eval_batch_size or batch_size
@@ -122,18 +110,17 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         tokens = self.tokens["train"]
         windows = TokenWindows(tokens, self.seq_len, np.arange(len(tokens) - self.seq_len))
-        # Under DDP Lightning splits the sampler's windows across ranks: draw enough for
-        # `train_steps_per_epoch` steps on every rank.
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        num_samples = self.train_steps_per_epoch * self.batch_size * world_size
-        sampler = RandomWindowSampler(len(windows), num_samples, self.seed)
-        return DataLoader(windows, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, drop_last=True)
+        # Every rank draws its own `train_steps_per_epoch` batches of windows.
+        world_size, rank = world_of(self.trainer)
+        num_samples = self.train_steps_per_epoch * self.batch_size
+        sampler = RandomWindowSampler(len(windows), num_samples, self.seed, world_size, rank)
+        return self.training_loader(windows, sampler, self.batch_size, self.num_workers, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._eval_windows("val"), batch_size=self.eval_batch_size, num_workers=self.num_workers)
+        return evaluation_loader(self._eval_windows("val"), self.eval_batch_size, self.num_workers, self.seed)
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self._eval_windows("test"), batch_size=self.eval_batch_size, num_workers=self.num_workers)
+        return evaluation_loader(self._eval_windows("test"), self.eval_batch_size, self.num_workers, self.seed)
 
 
 def split_of(name: str, val_fraction: float, test_fraction: float, seed: int = 0) -> str:
@@ -276,8 +263,28 @@ class TokenFileDataModule(TextDataModule):
                     f"{self.path / f'{split}.bin'} not found: write the token files with `{_prepare_hint(self.path)}`"
                 )
         self._read_meta()
-        dtype = TOKEN_DTYPES[self.dtype]
-        return {split: np.memmap(self.path / f"{split}.bin", dtype=dtype, mode="r") for split in SPLITS}
+        return {split: self._open_tokens(self.path / f"{split}.bin") for split in SPLITS}
+
+    def _open_tokens(self, file: Path) -> np.ndarray:
+        """Memory-map a token file after checking what would otherwise fail deep inside
+        training: an empty file, a size that is not whole tokens, ids outside the vocabulary."""
+        dtype = np.dtype(TOKEN_DTYPES[self.dtype])
+        size = file.stat().st_size
+        if size == 0:
+            raise ConfigError(f"{file} is empty: write it again with `{_prepare_hint(self.path)}`")
+        if size % dtype.itemsize:
+            raise ConfigError(
+                f"{file} has {size} bytes, not a whole number of {self.dtype} tokens ({dtype.itemsize} bytes each): "
+                "the file is truncated or data.dtype is wrong"
+            )
+        tokens = np.memmap(file, dtype=dtype, mode="r")
+        largest = int(tokens.max())
+        if largest >= self.vocab_size:
+            raise ConfigError(
+                f"{file} holds token id {largest}, outside data.vocab_size={self.vocab_size}: "
+                f"set data.vocab_size={largest + 1} or more (or check data.dtype={self.dtype})"
+            )
+        return tokens
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids]

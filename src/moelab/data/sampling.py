@@ -1,0 +1,179 @@
+"""Training samplers that resume exactly: the order of every epoch comes from (seed, epoch)
+through `set_epoch`, never from the global RNG, and a run stopped mid-epoch continues with
+the batch it would have seen next.
+
+Lightning calls `set_epoch` on a training sampler at the start of every epoch. The
+samplers here subclass `DistributedSampler`, so Lightning does not wrap them in one of its
+own under DDP/FSDP: each rank takes its share itself (`num_replicas`, `rank`). A
+datamodule that uses them inherits `ResumableDataModule`, whose `state_dict` (saved in
+every checkpoint) records where training stands in the epoch, and whose `load_state_dict`
+makes the next training sampler skip what was already trained on.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from moelab.moe.errors import ConfigError
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One integer per (seed, epoch) pair, for torch generators."""
+    return (seed * 1_000_003 + epoch) % (2**63)
+
+
+class ResumableSampler(DistributedSampler):
+    """Base: this rank's indices for an epoch (`epoch_indices`), from (seed, epoch) only.
+
+    `resume(epoch, skip)` makes the next pass over `epoch` start after its first `skip`
+    indices; passes over other epochs are whole. `generator` is reseeded from (seed, epoch)
+    by `set_epoch`: give it to the DataLoader (`generator=sampler.generator`) so the
+    loader's worker seeds follow the epoch too instead of drawing from the global RNG.
+    """
+
+    def __init__(self, num_items: int, num_samples: int, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        # DistributedSampler's own __init__ wants a process group or a dataset; set its fields directly.
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in a world of {num_replicas}")
+        self.num_items, self.num_samples, self.seed = num_items, num_samples, seed
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        self.total_size = num_samples * num_replicas
+        self.shuffle, self.drop_last = True, False
+        self.generator = torch.Generator().manual_seed(epoch_seed(seed, 0))
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+
+    def resume(self, epoch: int, skip: int) -> None:
+        self.set_epoch(epoch)
+        self._resume = (epoch, skip) if skip > 0 else None
+
+    def epoch_indices(self) -> list[int]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self.epoch_indices()
+        if self._resume is not None and self._resume[0] == self.epoch:
+            indices = indices[self._resume[1] :]
+        self._resume = None
+        return iter(indices)
+
+
+class ShuffleSampler(ResumableSampler):
+    """A permutation of all items per epoch, seeded by (seed, epoch); rank r takes every
+    world-th item from r, the list first padded by wrapping round so ranks get equal shares
+    (DistributedSampler's rule)."""
+
+    def __init__(self, num_items: int, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(num_items, -(-num_items // num_replicas), seed, num_replicas, rank)
+
+    def epoch_indices(self) -> list[int]:
+        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch)))
+        order = order.tolist()
+        order += order[: self.total_size - len(order)]
+        return order[self.rank : self.total_size : self.num_replicas]
+
+
+class RandomWindowSampler(ResumableSampler):
+    """`num_samples` window indices per epoch for this rank, drawn uniformly with
+    replacement: world × num_samples draws from a generator seeded by (seed, epoch), rank r
+    taking every world-th from r. One process draws what rank 0 of a one-rank world would,
+    so a run's windows do not depend on anything but (seed, epoch, rank, world)."""
+
+    def epoch_indices(self) -> list[int]:
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        draws = torch.randint(self.num_items, (self.total_size,), generator=generator)
+        return draws[self.rank :: self.num_replicas].tolist()
+
+
+def world_of(trainer: L.Trainer | None) -> tuple[int, int]:
+    """(world size, global rank) of the trainer's run; (1, 0) outside a trainer."""
+    if trainer is None:
+        return 1, 0
+    return trainer.world_size, trainer.global_rank
+
+
+def training_position(trainer: L.Trainer) -> tuple[int, int]:
+    """(epoch, training batches of that epoch already done) at this moment of a fit.
+
+    Read from Lightning's progress counters, which its own checkpoints restore: the epoch
+    Lightning passes to `set_epoch`, and the batches whose optimizer step has run. Once an
+    epoch's batches are all done, or Lightning has closed the epoch (max_steps, should_stop),
+    the position is the start of the next epoch, which is where Lightning resumes.
+    """
+    fit_loop = trainer.fit_loop
+    epochs = fit_loop.epoch_progress.current
+    batches_done = fit_loop.epoch_loop.batch_progress.current.processed
+    epoch_closed = epochs.processed == epochs.started
+    if epoch_closed or batches_done >= trainer.num_training_batches:
+        return epochs.started, 0
+    return epochs.processed, batches_done
+
+
+class ResumableDataModule(L.LightningDataModule):
+    """A datamodule whose training loader is built with `training_loader(...)`: its
+    checkpointed state is the training position, and a resumed fit's first training
+    pass skips the batches the checkpointed run had already trained on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._resume_position: tuple[int, int] | None = None
+        self._training_loader_built = False
+
+    def state_dict(self) -> dict[str, int]:
+        trainer = self.trainer
+        if trainer is None or trainer.num_training_batches == float("inf"):
+            return {}
+        epoch, batches = training_position(trainer)
+        return {"epoch": epoch, "batches_done": batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if "epoch" not in state_dict:
+            return
+        self._resume_position = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
+        if self._training_loader_built and self.trainer is not None:
+            # Sharded strategies restore after setup, when the training loader was already
+            # built (to count the steps the LR schedule needs) and maybe already iterated by
+            # workers: drop it, so the fit builds it anew at the resumed position.
+            self.trainer.fit_loop._combined_loader = None
+
+    def training_loader(
+        self, dataset: Dataset, sampler: ResumableSampler, batch_size: int, num_workers: int, drop_last: bool = False
+    ) -> DataLoader:
+        """The training DataLoader over `sampler`, placed at the resumed position if any."""
+        self._training_loader_built = True
+        if self._resume_position is not None:
+            epoch, batches_done = self._resume_position
+            sampler.resume(epoch, batches_done * batch_size)
+            self._resume_position = None
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+            drop_last=drop_last, generator=sampler.generator,
+        )
+
+
+def evaluation_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int = 0) -> DataLoader:
+    """A sequential DataLoader that never draws from the global RNG (its worker seeds come
+    from its own generator), so evaluating does not shift the training run's random streams."""
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def check_loader_args(batch_size: object, num_workers: object, prefix: str = "data") -> None:
+    """One-line errors for batch sizes and worker counts a DataLoader would reject deep inside."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"{prefix}.batch_size={batch_size} must be a positive integer")
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise ConfigError(f"{prefix}.num_workers={num_workers} must be an integer >= 0 (0: load in the main process)")
