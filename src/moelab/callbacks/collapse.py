@@ -47,6 +47,19 @@ class ExpertCollapseAlarm(L.Callback):
         self.dead_experts: dict[int, list[int]] = {}  # layer -> dead experts at the last logging step
         self.stopped = False
 
+    def state_dict(self) -> dict:
+        """The streak counters, so a resumed run warns (and stops) at the same step."""
+        return {
+            "streak": {index: streak.tolist() for index, streak in self._streak.items()},
+            "warned": {index: warned.tolist() for index, warned in self._warned.items()},
+            "stopped": self.stopped,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._streak = {int(i): torch.tensor(v, dtype=torch.long) for i, v in state_dict.get("streak", {}).items()}
+        self._warned = {int(i): torch.tensor(v, dtype=torch.bool) for i, v in state_dict.get("warned", {}).items()}
+        self.stopped = bool(state_dict.get("stopped", False))
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
         if step == self._last_step or not is_logging_step(trainer, self.every_n_steps):

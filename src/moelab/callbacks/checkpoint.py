@@ -1,0 +1,247 @@
+"""`last.ckpt`, always the newest state, and everything a resumed run needs to continue
+exactly where the stopped one was: the random streams of every rank, and a clean stop on
+SIGINT / SIGTERM at the next optimizer-step boundary."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from moelab.runs import Diverged
+
+log = logging.getLogger(__name__)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's global random streams as tensors and plain Python values (loadable
+    with `torch.load(weights_only=True)`): torch CPU and CUDA, NumPy, Python's `random`."""
+    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gauss)),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _distributed(trainer: L.Trainer) -> bool:
+    return trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def parameters_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter (this rank's shards) is finite; one host sync."""
+    locals_ = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
+    locals_ = [p.detach() for p in locals_ if p.numel()]
+    if not locals_:
+        return True
+    norms = torch.stack([norm.float() for norm in torch._foreach_norm(locals_)])
+    return bool(torch.isfinite(norms).all())
+
+
+class LastCheckpoint(Checkpoint):
+    """Writes `<dirpath>/last.ckpt` (a folder of shards under `fsdp`/`fsdp_ep`):
+
+    - at the end of every training epoch (after its validation);
+    - at the step where a fit stops early: `max_steps` or `max_time` reached, or another
+      callback set `trainer.should_stop`;
+    - when the run is stopped: on SIGINT or SIGTERM the fit stops at the next optimizer-step
+      boundary and saves there; on an exception it saves the last completed step (on one
+      process; with several ranks only a signal-driven stop, which every rank takes at the
+      same step, can save, since other ranks may be blocked in a collective).
+
+    Never with non-finite weights, never after a divergence (`moelab.runs.Diverged`), and
+    atomically (written beside, then renamed over the old one). The checkpoint carries the
+    global random streams of every rank, restored on resume, and `config` (the composed run
+    config, set by `moelab.train`) under the checkpoint key `moelab_config`.
+    """
+
+    def __init__(self, dirpath: str, filename: str = "last.ckpt") -> None:
+        super().__init__()
+        self.dirpath, self.filename = Path(dirpath), filename
+        self.config: dict[str, Any] | None = None
+        self.last_path: Path | None = None  # what this run wrote, for messages
+        self.saved_step: int | None = None
+        self.signal: int | None = None  # the signal that stopped (or is stopping) the fit
+        self._stop_requested = False
+        self._step_at_batch_start = -1
+        self._rng_at_batch_start: dict[str, Any] | None = None
+        self._in_batch = False
+        self._rewind = False
+        self._previous_handlers: dict[int, Any] = {}
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / self.filename
+
+    # -- random streams ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's random streams (a collective under several ranks: called by every
+        rank whenever any checkpoint is dumped)."""
+        mine = self._rng_at_batch_start if self._rewind else rng_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            states: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, mine)
+        else:
+            states = [mine]
+        return {"rng": states}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states = state_dict.get("rng") or []
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        if len(states) != world:
+            rank_zero_warn(
+                f"the checkpoint holds the random streams of {len(states)} rank(s) and this run has {world}: "
+                "noise routers and dropout draw new values from here on (weights, optimizer and data order resume exactly)"
+            )
+            return
+        set_rng_state(states[rank])
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.config is not None:
+            checkpoint["moelab_config"] = self.config
+        if self._rewind:
+            # Lightning, resuming, counts the interrupted batch's logging step as taken (it
+            # expects checkpoints written after a step); this one was written before it.
+            epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+            if epoch_loop.get("_batches_that_stepped", 0) > 0:
+                epoch_loop["_batches_that_stepped"] -= 1
+
+    # -- when to save --------------------------------------------------------------------
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After Lightning registered its own handlers; its teardown restores the originals.
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl+C: stop now, without waiting for the step
+        self.signal = signum
+        log.warning(
+            "moelab: %s received: stopping at the end of this optimizer step and saving %s "
+            "(press Ctrl+C again to stop at once)", signal.Signals(signum).name, self.path,
+        )
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._in_batch = True
+        self._step_at_batch_start = trainer.global_step
+        self._rng_at_batch_start = rng_state()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._in_batch = False
+        last_batch = batch_idx + 1 >= trainer.num_training_batches
+        if not (last_batch or (batch_idx + 1) % trainer.accumulate_grad_batches == 0):
+            return  # inside a gradient accumulation: not a step boundary
+        stop = self.signal is not None
+        if _distributed(trainer):
+            # A signal reaches the ranks at different moments: agree on the step to stop at
+            # (one all-reduce of a flag per optimizer step).
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop and not self._stop_requested:
+            # Lightning's SIGTERM flag: with it set on every rank, Lightning raises
+            # SIGTERMException on all of them right after this batch (after the epoch's
+            # validation and end, on the last batch), and `on_exception` saves there.
+            self._stop_requested = True
+            trainer._signal_connector.received_sigterm = True
+        max_steps_reached = 0 <= trainer.max_steps <= trainer.global_step
+        if (trainer.should_stop or max_steps_reached) and not last_batch:
+            self._save(trainer, pl_module)  # the epoch end (and its validation) will not come
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer, pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, Diverged) or trainer.sanity_checking:
+            return
+        if self.signal is None and isinstance(exception, KeyboardInterrupt):
+            self.signal = signal.SIGINT  # Ctrl+C before training started, or at once twice
+        if _distributed(trainer) and not isinstance(exception, SIGTERMException):
+            rank_zero_warn(f"moelab: not saving {self.path} after {type(exception).__name__}: other ranks may be "
+                           "blocked in a collective; the last checkpoint written stays")
+            return
+        # An exception inside a training batch before its optimizer step: the weights are
+        # still those of the last completed step, so save them with the random streams of
+        # that moment (the data position is Lightning's count of completed batches).
+        self._rewind = self._in_batch and trainer.global_step == self._step_at_batch_start
+        try:
+            self._save(trainer, pl_module)
+        except Exception as save_error:  # noqa: BLE001 - never hide the exception that stopped the run
+            rank_zero_warn(f"moelab: could not save {self.path} after {type(exception).__name__}: {save_error}")
+        finally:
+            self._rewind = False
+
+    # -- how to save ---------------------------------------------------------------------
+
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run or self.saved_step == trainer.global_step:
+            return
+        if trainer.global_step == 0 and self.saved_step is None and not trainer.ckpt_path:
+            return  # nothing trained yet: no checkpoint to write
+        finite = trainer.strategy.reduce_boolean_decision(parameters_finite(pl_module), all=True)
+        if not finite:
+            rank_zero_warn(f"moelab: not saving {self.path}: the weights at step {trainer.global_step} are not finite")
+            return
+        final = self.path
+        partial = final.with_name(f".{final.name}.partial")
+        if trainer.is_global_zero:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            _remove(partial)
+        trainer.strategy.barrier("moelab.LastCheckpoint.before_save")
+        trainer.save_checkpoint(partial, weights_only=False)
+        if trainer.is_global_zero:
+            _replace(partial, final)
+        trainer.strategy.barrier("moelab.LastCheckpoint.after_save")
+        self.saved_step, self.last_path = trainer.global_step, final
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _replace(source: Path, target: Path) -> None:
+    """Move `source` over `target` (a file, or a folder of shards) without a moment where
+    neither a complete old nor a complete new checkpoint exists at a known name."""
+    if source.is_file() and not target.is_dir():
+        os.replace(source, target)
+        return
+    previous = target.with_name(f".{target.name}.previous")
+    _remove(previous)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(source, target)
+    _remove(previous)
