@@ -91,21 +91,29 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm of parameters sharded over different meshes.
+def sharded_grad_norm(parameters, poison: torch.Tensor | None = None) -> torch.Tensor:
+    """The global gradient norm of parameters sharded over different meshes.
 
     torch's clip_grad_norm_ cannot stack norms of DTensors on different meshes (experts
     on (dp, ep), the rest on all ranks). FSDP2 shards are disjoint across ranks, so the
-    global squared norm is the sum over ranks of each rank's local squared norms.
+    global squared norm is the sum over ranks of each rank's local squared norms: one
+    all-reduce. `poison` (a scalar, e.g. this rank's loss × 0) is added before it, so a
+    non-finite value on any rank makes the norm non-finite on every rank.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
     local_sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
     for grad in grads:
         local_sq = local_sq + local_part(grad).float().square().sum()
+    if poison is not None:
+        local_sq = local_sq + poison.detach().float().to(local_sq.device)
     if is_distributed():
         dist.all_reduce(local_sq)
-    total = local_sq.sqrt()
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for grad in grads:
-        local_part(grad).mul_(scale.to(grad.dtype))
-    return total
+    return local_sq.sqrt()
+
+
+def clip_grads_(parameters, max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale every (local shard of a) gradient by min(1, max_norm / total_norm)."""
+    scale = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    for param in parameters:
+        if param.grad is not None:
+            local_part(param.grad).mul_(scale.to(param.grad.dtype))

@@ -1,22 +1,35 @@
 """What every MoE task shares: auxiliary losses into the training loss, per-step router
-updates, and AdamW with warm-up + cosine."""
+updates, AdamW with warm-up + cosine, and the guard that stops a diverging run."""
 
 from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from moelab.moe.layer import after_optimizer_step, collect_aux_losses
-from moelab.parallel.fsdp_ep import clip_grad_norm_, parallelize
+from moelab.moe.layer import after_optimizer_step, collect_aux_losses, moe_layers
+from moelab.parallel.fsdp_ep import clip_grads_, parallelize, sharded_grad_norm
+from moelab.runs import Diverged
 from moelab.tasks.optim import adamw_param_groups, warmup_cosine
 
 
 class MoETask(L.LightningModule):
     """Base LightningModule: subclasses set `self.model`, save hyperparameters `lr`,
-    `weight_decay`, `betas`, `warmup_steps`, `min_lr_ratio`, and call `add_aux_losses`."""
+    `weight_decay`, `betas`, `warmup_steps`, `min_lr_ratio`, and call `add_aux_losses`.
+
+    Every optimizer step logs `train/grad_norm` (before clipping) and checks it and the
+    loss: a non-finite value raises `moelab.runs.Diverged` before the optimizer step (so the
+    weights stay those of the last finite step), naming what turned non-finite first. The
+    check reads one number back from the device per step.
+    """
 
     model: nn.Module
+    _step_loss: Tensor | None = None
+    _step_batch: Any = None
 
     def configure_model(self) -> None:
         """Under FSDPExpertParallelStrategy: split experts over ep and shard with FSDP2
@@ -24,20 +37,53 @@ class MoETask(L.LightningModule):
         if self.device_mesh is not None:
             parallelize(self.model, self.device_mesh)
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Sharded runs clip with a norm that spans the expert and dense meshes."""
-        if self.device_mesh is None or not gradient_clip_val:
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        if gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError("sharded MoE runs clip by norm only: set trainer.gradient_clip_algorithm=norm")
-        clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
-
     def add_aux_losses(self, task_loss: Tensor) -> Tensor:
         """task loss + Σ weighted aux losses of every MoE layer; logs each aux loss by name
         (`train/aux/<name>`, unweighted, mean over layers)."""
         aux_total, aux_by_name = collect_aux_losses(self.model)
         self.log_dict({f"train/aux/{name}": value for name, value in aux_by_name.items()})
-        return task_loss if aux_total is None else task_loss + aux_total
+        loss = task_loss if aux_total is None else task_loss + aux_total
+        self._step_loss = loss.detach()
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_batch = batch  # for the divergence diagnosis (a reference, no copy)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Measure the global gradient norm (sharded runs: over the expert and dense meshes),
+        stop on a non-finite loss or norm, then clip as configured."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        loss = self._step_loss if self._step_loss is not None else torch.zeros(())
+        # loss × 0 is 0, or NaN when the loss is not finite: it poisons the norm, so one
+        # number says whether this step can be taken. Sharded runs sum it over every rank
+        # inside the norm's all-reduce; under DDP the gradients are already all-reduced, and
+        # a non-finite loss on a rank makes its gradients, hence everyone's, non-finite.
+        poison = loss.float() * 0.0
+        if self.device_mesh is not None:
+            grad_norm = sharded_grad_norm(params, poison)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) + poison.to(params[0].device if params else "cpu")
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            checked = poison  # fp16 loss scaling skips steps with non-finite gradients by itself
+        else:
+            checked = grad_norm
+        if not bool(torch.isfinite(checked)):
+            raise Diverged(self.trainer.global_step, self._divergence_report(loss, grad_norm))
+        self.log("train/grad_norm", grad_norm)
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm == "value":
+            if self.device_mesh is not None:
+                raise ValueError("sharded MoE runs clip by norm only: set trainer.gradient_clip_algorithm=norm")
+            return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        clip_grads_(params, gradient_clip_val, grad_norm)
+
+    def _divergence_report(self, loss: Tensor, grad_norm: Tensor) -> str:
+        what = f"loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g}"
+        if self._step_batch is None:
+            return what
+        culprit = first_nonfinite(self, self._step_batch)
+        return f"{what}; {culprit}"
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -50,3 +96,50 @@ class MoETask(L.LightningModule):
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = warmup_cosine(optimizer, min(hp.warmup_steps, total_steps), total_steps, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _nonfinite(value: Any) -> bool:
+    if isinstance(value, Tensor):
+        return value.is_floating_point() and not bool(torch.isfinite(value).all())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(_nonfinite(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, (tuple, list)):
+        return any(_nonfinite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_nonfinite(v) for v in value.values())
+    return False
+
+
+@torch.no_grad()
+def first_nonfinite(task: L.LightningModule, batch: Any) -> str:
+    """Where the forward pass on `batch` first produced a non-finite value: the input, the
+    innermost module whose output did (forward hooks fire on a module's exit, so children
+    report before their parents), or an auxiliary loss; else the backward pass."""
+    if _nonfinite(batch[0]):
+        return "the input batch holds non-finite values"
+    routers = {id(layer.router): layer for layer in moe_layers(task)}
+    names = {id(module): name for name, module in task.named_modules()}
+    found: list[nn.Module] = []
+
+    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+        if not found and _nonfinite(output):
+            found.append(module)
+
+    handles = [module.register_forward_hook(hook) for module in task.modules()]
+    try:
+        task(batch[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    if found:
+        module = found[0]
+        layer = routers.get(id(module))
+        if layer is not None:
+            index = layer.layer_index if layer.layer_index is not None else "?"
+            return f"the router of MoE layer {index} ({names[id(module)]}) gave non-finite logits first"
+        return f"first non-finite output: {names[id(module)]} ({type(module).__name__})"
+    for layer in moe_layers(task):
+        for name, value in layer.aux_losses.items():
+            if not math.isfinite(float(value)):
+                return f"the {name} auxiliary loss of MoE layer {layer.layer_index} is {float(value)}"
+    return "the forward pass is finite: the backward pass made the gradients non-finite"

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from moelab.tasks.base import MoETask
+from moelab.tasks.optim import check_optimizer_hparams
 
 
 class LanguageModeling(MoETask):
@@ -43,6 +44,7 @@ class LanguageModeling(MoETask):
         sample_seed: int = 0,
     ) -> None:
         super().__init__()
+        check_optimizer_hparams(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.eval_ce = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
@@ -73,12 +75,17 @@ class LanguageModeling(MoETask):
     def _log_throughput(self, tokens: int) -> None:
         # Training tokens per wall-clock second since the epoch's first step (data, forward,
         # backward, optimiser; validation excluded): an average, steadier than one step's time.
+        # A reading of the machine, not a result: it goes to the loggers on logging steps but
+        # not into the run's metrics, which stay identical between identical runs.
         now = time.perf_counter()
         if self._epoch_start_time is None:
             self._epoch_start_time, self._epoch_tokens = now, 0
-        else:
-            self._epoch_tokens += tokens
-            self.log("train/tokens_per_s", self._epoch_tokens / max(now - self._epoch_start_time, 1e-9))
+            return
+        self._epoch_tokens += tokens
+        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
+            value = self._epoch_tokens / max(now - self._epoch_start_time, 1e-9)
+            for logger in self.loggers:
+                logger.log_metrics({"train/tokens_per_s": value}, step=self.global_step)
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start_time = None

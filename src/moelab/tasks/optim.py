@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from moelab.moe.errors import ConfigError
+
 
 def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Decay weight matrices and expert weight stacks (ndim ≥ 2); not biases, norms, scalars,
@@ -38,3 +40,20 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_optimizer_hparams(lr: object, weight_decay: object, betas: object, warmup_steps: object, min_lr_ratio: object) -> None:
+    """One-line errors for optimizer settings that would train wrongly or fail inside torch."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not number(lr) or lr <= 0:
+        raise ConfigError(f"task.lr={lr} must be a positive number")
+    if not number(weight_decay) or weight_decay < 0:
+        raise ConfigError(f"task.weight_decay={weight_decay} must be a number >= 0")
+    if isinstance(betas, str) or not (hasattr(betas, "__len__") and len(betas) == 2 and all(number(b) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"task.betas={betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
+        raise ConfigError(f"task.warmup_steps={warmup_steps} must be an integer >= 0")
+    if not number(min_lr_ratio) or not 0 <= min_lr_ratio <= 1:
+        raise ConfigError(f"task.min_lr_ratio={min_lr_ratio} must be in [0, 1]")

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from moelab.tasks.base import MoETask
+from moelab.tasks.optim import check_optimizer_hparams
 
 
 class ImageClassification(MoETask):
@@ -24,6 +25,7 @@ class ImageClassification(MoETask):
         min_lr_ratio: float = 0.1,
     ) -> None:
         super().__init__()
+        check_optimizer_hparams(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
