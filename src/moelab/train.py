@@ -1,13 +1,15 @@
-"""run(cfg): build data, model, task, callbacks, loggers and trainer from a Hydra config, fit, test,
-write metrics.json, and return the metric a sweep optimises."""
+"""run(cfg): build data, model, task, callbacks, loggers and trainer from a Hydra config, fit,
+test, write metrics.json with the run's status, and return the metric a sweep optimises."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import signal
 import sys
+import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from moelab.moe.errors import ConfigError
+from moelab.callbacks.checkpoint import LastCheckpoint
+from moelab.checkpoints import check_resumable
+from moelab.moe.errors import ConfigError, check_num_experts
+from moelab.runs import DIVERGED, ERROR, INTERRUPTED, METRICS_FILE, OK, Diverged, write_record
 from moelab.sweep import run_version  # noqa: F401 - registers ${moelab.run_version:} for the logger config
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,7 @@ if logging.getLogger().hasHandlers():
 
 # Errors that mean "the configuration is wrong": reported in one line, never as a traceback.
 USER_ERRORS = (ConfigError, MisconfigurationException, FileNotFoundError)
+DEBUG_ENV = "MOELAB_DEBUG"
 
 
 def _user_error(exc: BaseException) -> BaseException | None:
@@ -68,32 +76,22 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     return datamodule, task, trainer
 
 
-@rank_zero_only
-def write_metrics(metrics: dict[str, float], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-
-
-def _floats(metrics: dict[str, Any]) -> dict[str, float]:
-    return {name: float(value) for name, value in metrics.items()}
-
-
-def run(cfg: DictConfig) -> float | None:
-    """Train (and test) as configured. Returns `metrics[cfg.optimized_metric]` for sweeps."""
-    try:
-        return _run(cfg)
-    except Exception as exc:  # noqa: BLE001 - re-raised unless it is a user error
-        user_error = _user_error(exc)
-        if user_error is None:
-            raise
-        raise SystemExit(f"moelab: error: {user_error}") from None
+def _int_setting(cfg: DictConfig, key: str, minimum: int | None = None) -> None:
+    value = cfg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be a whole number")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{key}={value} must be >= {minimum}")
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Cross-group mistakes no single component can see."""
+    """Top-level keys and cross-group mistakes no single component can see."""
+    _int_setting(cfg, "seed")
+    check_num_experts(cfg.get("experts"))
+    _int_setting(cfg, "ep", minimum=1)
     strategy = cfg.trainer.get("strategy")
     target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
-    if cfg.get("ep", 1) != 1 and not target.endswith("FSDPExpertParallelStrategy"):
+    if cfg.ep != 1 and not target.endswith("FSDPExpertParallelStrategy"):
         raise ConfigError(f"ep={cfg.ep} needs an expert-parallel trainer: add trainer=fsdp_ep")
 
 
@@ -135,32 +133,191 @@ def restored_launcher_env():
                 os.environ[key] = value
 
 
-def _run(cfg: DictConfig) -> float | None:
-    check_config(cfg)
-    relaunch_as_single_run()
-    with restored_launcher_env():
-        return _fit_and_test(cfg)
 
 
-def _fit_and_test(cfg: DictConfig) -> float | None:
+# What Lightning's launcher writes into this process's environment when it starts ranks.
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def restored_launcher_env():
+    """Undo the launcher's environment after a job: with LOCAL_RANK left behind, the next
+    job of a multirun would believe its ranks were started externally and wait forever."""
+    saved = {key: os.environ.get(key) for key in LAUNCHER_ENV}
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass
+class _Run:
+    """What a run has built so far, for the record of a run that ends early."""
+
+    output_dir: Path | None = None
+    trainer: L.Trainer | None = None
+    last: LastCheckpoint | None = None
+    ckpt_path: str | None = None
+
+    def metrics(self) -> dict[str, Any]:
+        if self.trainer is None:
+            return {}
+        return {name: float(value) for name, value in self.trainer.callback_metrics.items()}
+
+    def step(self) -> int | None:
+        return None if self.trainer is None else self.trainer.global_step
+
+    def last_good_checkpoint(self) -> str:
+        if self.last is not None and self.last.last_path is not None:
+            return f"last good checkpoint: {self.last.last_path} (step {self.last.saved_step})"
+        if self.ckpt_path:
+            return f"last good checkpoint: {self.ckpt_path} (where this run resumed from)"
+        return "no checkpoint was written before it"
+
+
+@rank_zero_only
+def _write_record(run_state: _Run, status: str, reason: str | None, metrics: dict[str, Any] | None = None) -> None:
+    if run_state.output_dir is not None:
+        write_record(run_state.output_dir / METRICS_FILE, run_state.metrics() if metrics is None else metrics,
+                     status, reason, run_state.step())
+
+
+def debug_requested() -> bool:
+    """`MOELAB_DEBUG=1` or `hydra.verbose=true`: let errors end in their full traceback."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return True
+    return HydraConfig.initialized() and bool(HydraConfig.get().verbose)
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Train (and test) as configured; return `metrics[cfg.optimized_metric]` for sweepers.
+
+    Every way a run ends leaves `metrics.json` with its `status`:
+    - ok: the metric is returned (None, with a warning, when it was not logged, e.g. a
+      run of a few steps that never validated);
+    - error (a configuration mistake) and diverged (non-finite loss or gradients): one line
+      `moelab: error: …` and exit 1; inside a multirun the job is recorded and the sweep
+      goes on;
+    - interrupted (SIGINT, SIGTERM): one line naming the checkpoint to resume from, exit
+      130 (SIGINT) or 143 (SIGTERM); a multirun stops too.
+    Any other exception is recorded as error and keeps its traceback (in a multirun it is
+    logged and the next job runs). `MOELAB_DEBUG=1` or `hydra.verbose=true` shows the
+    traceback of every error.
+    """
+    run_state = _Run()
+    try:
+        run_state.output_dir = Path(cfg.paths.output_dir)
+        check_config(cfg)
+        relaunch_as_single_run()
+        with restored_launcher_env():
+            return _fit_and_test(cfg, run_state)
+    except BaseException as exc:  # noqa: BLE001 - every ending is recorded, then reported or re-raised
+        return _report(exc, run_state)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # the next job of a multirun starts its own process group
+
+
+def _stopping_signal(exc: BaseException, run_state: _Run) -> int | None:
+    """The signal a run was stopped by, or None if `exc` is not a stop."""
+    signum = run_state.last.signal if run_state.last is not None else None
+    if isinstance(exc, SIGTERMException):
+        return signum or signal.SIGTERM  # no signal here: another rank's, or Lightning's own SIGTERM
+    if isinstance(exc, KeyboardInterrupt):
+        return signal.SIGINT
+    # Lightning turns Ctrl+C inside fit/test into sys.exit(1) after its own shutdown.
+    trainer = run_state.trainer
+    if isinstance(exc, SystemExit) and trainer is not None and trainer.interrupted:
+        return signum or signal.SIGINT
+    return None
+
+
+def _report(exc: BaseException, run_state: _Run) -> None:
+    signum = _stopping_signal(exc, run_state)
+    if signum is not None:
+        where = f"at step {run_state.step()}" if run_state.trainer is not None else "before training"
+        saved = run_state.last.last_path if run_state.last is not None else None
+        if saved is not None:
+            then = f"saved {saved}: resume with the same command plus ckpt_path={saved}"
+        else:
+            then = "no checkpoint was written"
+        reason = f"stopped by {signal.Signals(signum).name} {where}; {then}"
+        _write_record(run_state, INTERRUPTED, reason)
+        print(f"moelab: {reason}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + int(signum)) from None
+    if isinstance(exc, SystemExit):
+        raise exc  # not ours to reinterpret
+    if isinstance(exc, Diverged):
+        status, reason = DIVERGED, f"{exc}; {run_state.last_good_checkpoint()}"
+    elif (user_error := _user_error(exc)) is not None:
+        status, reason = ERROR, str(user_error).strip().splitlines()[0] if str(user_error).strip() else type(user_error).__name__
+    else:
+        status, reason = ERROR, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+        _write_record(run_state, status, reason)
+        if in_multirun() and not debug_requested():
+            log.exception("moelab: this job failed; the sweep goes on")
+            return None
+        raise exc
+    _write_record(run_state, status, reason)
+    if debug_requested():
+        raise exc
+    line = f"moelab: error: {reason}"
+    if in_multirun():
+        log.error(line)
+        return None
+    raise SystemExit(line) from None
+
+
+def _plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config as plain values (for checkpoints: weights_only loading)."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - an unresolvable interpolation: keep it as written
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, task, trainer = build(cfg)
-    output_dir = Path(cfg.paths.output_dir)
+    run_state.trainer = trainer
+    run_state.last = next((cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
+    config = _plain_config(cfg)
+    if run_state.last is not None:
+        run_state.last.config = config
     if trainer.is_global_zero:
-        log.info("Run folder: %s", output_dir)
+        log.info("Run folder: %s", run_state.output_dir)
 
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    metrics = _floats(trainer.callback_metrics)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is not None:
+        ckpt_path = str(ckpt_path)
+        sharded = isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy))
+        check_resumable(ckpt_path, task, sharded_strategy=sharded, config=config)
+        run_state.ckpt_path = ckpt_path
+    # weights_only=True always, URLs included (Lightning would unpickle those in full).
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    metrics = run_state.metrics()
     if cfg.get("test"):
-        results = trainer.test(task, datamodule=datamodule, verbose=False)
-        for result in results:
-            metrics.update(_floats(result))
-    write_metrics(metrics, output_dir / "metrics.json")
-    if dist.is_available() and dist.is_initialized():
-        # The next job of a multirun starts its own process group.
-        dist.destroy_process_group()
+        for result in trainer.test(task, datamodule=datamodule, verbose=False):
+            metrics.update({name: float(value) for name, value in result.items()})
+    _write_record(run_state, OK, None, metrics)
 
     name = cfg.get("optimized_metric")
-    if name and name not in metrics:
-        raise ConfigError(f"optimized_metric '{name}' was not logged; logged: {', '.join(sorted(metrics))}")
-    return metrics.get(name) if name else None
+    if not name:
+        return None
+    if name not in metrics:
+        warnings.warn(
+            f"moelab: optimized_metric '{name}' was not logged (the run stopped at step {trainer.global_step}, "
+            f"before it was measured), so this run returns no value; logged: {', '.join(sorted(metrics)) or 'nothing'}",
+            stacklevel=1,
+        )
+        return None
+    value = metrics[name]
+    return value if value == value and abs(value) != float("inf") else None

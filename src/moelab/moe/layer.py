@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Mapping
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.moe.errors import ConfigError
-from moelab.moe.losses import AUX_LOSSES
+from moelab.moe.losses import AUX_LOSSES, SIGNED_LOSSES
 from moelab.moe.routing import Routing, RoutingContext
 
 
@@ -53,10 +54,7 @@ class MoELayer(nn.Module):
                 )
             router_overrides["k"] = factory_k * granularity
         self.router = router(d_model=d_model, **router_overrides)
-        weights = {name: float(w) for name, w in (aux_loss_weights or {}).items()}
-        unknown = sorted(set(weights) - set(AUX_LOSSES))
-        if unknown:
-            raise ConfigError(f"unknown auxiliary loss {unknown}: pick from {', '.join(AUX_LOSSES)}")
+        weights = check_aux_loss_weights(aux_loss_weights or {})
         supported = getattr(self.router, "supported_losses", frozenset(AUX_LOSSES))
         skipped = sorted(name for name, w in weights.items() if w and name not in supported)
         if skipped:
@@ -107,6 +105,26 @@ class MoELayer(nn.Module):
                 torch.zeros((), device=x.device),
             )
         return y_TD.reshape(x.shape).to(x.dtype)
+
+
+def check_aux_loss_weights(aux_loss_weights: Mapping[str, object]) -> dict[str, float]:
+    """Loss name → weight as floats; one-line errors for unknown names, non-numbers and
+    negative weights (which would reward what the loss penalises: a negative balance weight
+    trains towards imbalance). Losses in SIGNED_LOSSES take either sign on purpose."""
+    unknown = sorted(set(aux_loss_weights) - set(AUX_LOSSES))
+    if unknown:
+        raise ConfigError(f"unknown auxiliary loss {unknown}: pick from {', '.join(AUX_LOSSES)}")
+    weights = {}
+    for name, weight in aux_loss_weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ConfigError(f"loss.{name}={weight} must be a number")
+        if weight < 0 and name not in SIGNED_LOSSES:
+            raise ConfigError(
+                f"loss.{name}={weight} is negative, which rewards what the {name} loss penalises: "
+                f"use a weight >= 0 (0 turns it off)"
+            )
+        weights[name] = float(weight)
+    return weights
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -76,6 +76,10 @@ def entropy_loss(plan: Routing) -> Tensor:
     return mean_entropy(plan.router_probs_TE)
 
 
+# Losses whose weight may be negative: the sign picks the direction (entropy: a positive
+# weight sharpens routing, a negative one flattens it). Every other weight must be >= 0.
+SIGNED_LOSSES = frozenset({"entropy"})
+
 AUX_LOSSES: dict[str, Callable[[Routing], Tensor]] = {
     "balance": balance_loss,
     "seq_balance": seq_balance_loss,

@@ -1,0 +1,190 @@
+"""Checking `ckpt_path=` before a run resumes from it: a missing, empty, corrupt or unsafe
+file, a folder where a file is needed (or the reverse), and a checkpoint of another
+architecture each stop with one line that says what is wrong and what to do.
+
+Files load with `torch.load(weights_only=True)` only: tensors and plain values, never
+arbitrary pickled objects. Sharded checkpoints (folders written under `fsdp`/`fsdp_ep`) go
+through `torch.distributed.checkpoint`, whose metadata is a pickle: load those only from a
+trusted source.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from moelab.moe.errors import ConfigError
+
+# Lightning's own ckpt_path keywords, resolved by Lightning itself.
+LIGHTNING_KEYWORDS = ("last", "hpc", "best", "registry")
+CONFIG_KEY = "moelab_config"  # where moelab checkpoints keep the run's composed config
+ARCHITECTURE_KEYS = ("experts", "model", "router", "expert")
+
+
+@dataclass
+class CheckpointInfo:
+    """What resuming needs to know of a checkpoint without loading its tensors."""
+
+    shapes: dict[str, tuple[int, ...]]  # model state key -> shape
+    config: dict[str, Any] | None  # the composed config of the run that wrote it
+    sharded: bool
+    resumable: bool  # has optimizer state (a weights-only file cannot resume training)
+
+
+def is_url(path: str) -> bool:
+    return path.startswith(("http://", "https://"))
+
+
+def _unreadable(path: str, exc: BaseException) -> ConfigError:
+    text = str(exc)
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe:
+        why = f"it holds a pickled {unsafe.group(1)}, and moelab loads only tensors and plain values (weights_only=True)"
+    elif isinstance(exc, EOFError):
+        why = "it ends early (truncated?)"
+    else:
+        why = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else 'unreadable'}"
+    return ConfigError(f"ckpt_path={path} is not a checkpoint moelab can read: {why}; point ckpt_path at a last.ckpt a run wrote")
+
+
+def _load_file(path: str) -> Mapping[str, Any]:
+    if is_url(path):
+        try:
+            return torch.hub.load_state_dict_from_url(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - reported in one line
+            raise _unreadable(path, exc) from None
+    file = Path(path)
+    if file.stat().st_size == 0:
+        raise ConfigError(f"ckpt_path={path} is empty: point ckpt_path at a last.ckpt a run wrote")
+    if not zipfile.is_zipfile(file):
+        raise ConfigError(
+            f"ckpt_path={path} is not a PyTorch checkpoint (not a torch.save archive: truncated, or another kind of file)"
+        )
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - reported in one line
+        raise _unreadable(path, exc) from None
+
+
+def _sharded_info(folder: Path) -> CheckpointInfo:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not (folder / ".metadata").is_file():
+        raise ConfigError(
+            f"ckpt_path={folder} is a folder but not a sharded checkpoint (no .metadata file in it): "
+            "point ckpt_path at a last.ckpt a run wrote"
+        )
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - reported in one line
+        raise _unreadable(str(folder), exc) from None
+    prefix = "state_dict."
+    shapes = {
+        key[len(prefix):]: tuple(item.size)
+        for key, item in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
+    }
+    meta: Mapping[str, Any] = {}
+    meta_file = folder / "meta.pt"
+    if meta_file.is_file():
+        try:
+            meta = torch.load(meta_file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - reported in one line
+            raise _unreadable(str(meta_file), exc) from None
+    resumable = any(key.startswith("optimizer_") for key in metadata.state_dict_metadata)
+    return CheckpointInfo(shapes, meta.get(CONFIG_KEY), sharded=True, resumable=resumable)
+
+
+def inspect_checkpoint(path: str) -> CheckpointInfo:
+    """Shapes, config and kind of a checkpoint file, URL or sharded folder (one-line errors)."""
+    if not is_url(path):
+        location = Path(path)
+        if not location.exists():
+            raise ConfigError(f"ckpt_path={path} does not exist (relative paths start from {Path.cwd()})")
+        if location.is_dir():
+            return _sharded_info(location)
+    checkpoint = _load_file(path)
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"ckpt_path={path} holds no model state (no 'state_dict'): it is not a Lightning checkpoint")
+    shapes = {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
+    resumable = bool(checkpoint.get("optimizer_states")) and "loops" in checkpoint
+    return CheckpointInfo(shapes, checkpoint.get(CONFIG_KEY), sharded=False, resumable=resumable)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys=ARCHITECTURE_KEYS) -> list[str]:
+    """`name: checkpoint A, config B` for every architecture setting that differs."""
+    before = _flatten({k: saved.get(k) for k in keys})
+    after = _flatten({k: current.get(k) for k in keys})
+    differences = []
+    for name in sorted(set(before) | set(after)):
+        if name.endswith("_target_") or name.endswith("_partial_"):
+            continue
+        if before.get(name) != after.get(name):
+            differences.append(f"{name}: checkpoint {before.get(name, '(unset)')}, config {after.get(name, '(unset)')}")
+    return differences
+
+
+def shape_differences(saved: Mapping[str, tuple], expected: Mapping[str, tuple]) -> list[str]:
+    """Readable differences between a checkpoint's weights and the model's, most telling first."""
+    notes: list[str] = []
+    mismatched = [k for k in expected if k in saved and tuple(saved[k]) != tuple(expected[k])]
+    expert_counts = {
+        (saved[k][0], expected[k][0]) for k in mismatched
+        if len(expected[k]) == 3 and len(saved[k]) == 3 and saved[k][0] != expected[k][0]
+    }
+    for before, after in sorted(expert_counts):
+        notes.append(f"checkpoint has {before} experts per layer, config has experts={after}")
+    if mismatched:
+        k = mismatched[0]
+        notes.append(f"{len(mismatched)} weight(s) differ in shape, e.g. {k}: checkpoint {tuple(saved[k])}, model {tuple(expected[k])}")
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    if missing:
+        notes.append(f"{len(missing)} weight(s) of the model are not in the checkpoint, e.g. {missing[0]}")
+    if unexpected:
+        notes.append(f"{len(unexpected)} weight(s) of the checkpoint are not in the model, e.g. {unexpected[0]}")
+    return notes
+
+
+def check_resumable(path: str, task: nn.Module, sharded_strategy: bool, config: Mapping[str, Any] | None = None) -> None:
+    """Refuse, in one line, a `ckpt_path` this run cannot resume from."""
+    if path in LIGHTNING_KEYWORDS:
+        return
+    info = inspect_checkpoint(path)
+    if info.sharded and not sharded_strategy:
+        raise ConfigError(
+            f"ckpt_path={path} is a sharded checkpoint (a folder written under trainer=fsdp or fsdp_ep): resume it "
+            "with trainer=fsdp or trainer=fsdp_ep (any ep that divides experts), or load it into one process "
+            "with moelab.parallel.checkpoint.load_sharded_into"
+        )
+    expected = {key: tuple(value.shape) for key, value in task.state_dict().items()}
+    notes = shape_differences(info.shapes, expected)
+    if notes:
+        settings = config_differences(info.config, config) if info.config is not None and config is not None else []
+        details = "; ".join(dict.fromkeys(notes[:1] + settings[:3] + notes[1:]))
+        raise ConfigError(
+            f"ckpt_path={path} was trained with another architecture ({details}): resume with the config of the "
+            "run that wrote it (its .hydra/config.yaml), or train anew without ckpt_path"
+        )
+    if not info.resumable:
+        raise ConfigError(
+            f"ckpt_path={path} holds weights but no optimizer and loop state, so training cannot resume from it: "
+            "point ckpt_path at a last.ckpt a run wrote"
+        )
