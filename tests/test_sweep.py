@@ -42,8 +42,9 @@ def test_2x2_multirun_writes_a_summary_with_4_rows_and_named_tensorboard_runs(tm
     for row in rows:
         assert 0.0 <= float(row["val/acc"]) <= 1.0 and float(row["test/loss"]) > 0
     markdown = (sweep / "summary.md").read_text()
-    assert "| job | router | experts | val/acc |" in markdown and "Shared overrides: `trainer=debug`" in markdown
-    assert "| 3 | switch | 8 |" in result.stdout  # the table is printed too
+    assert "| job | router | experts | status | val/acc |" in markdown and "Shared overrides: `trainer=debug`" in markdown
+    assert "| 3 | switch | 8 | ok |" in result.stdout  # the table is printed too
+    assert {row["status"] for row in rows} == {"ok"}
 
     for job in range(4):
         (run_dir,) = (sweep / str(job) / "tensorboard").iterdir()
@@ -62,11 +63,16 @@ def _fake_job(sweep: Path, num: int, overrides: list[str], metrics: dict | None)
 def test_summary_orders_jobs_numerically_and_marks_missing_metrics(tmp_path):
     _fake_job(tmp_path, 10, ["experts=16", "+extra=1"], {"val/acc": 0.5, "train/loss": 1.0})
     _fake_job(tmp_path, 2, ["experts=8"], None)  # a job that failed before writing metrics
-    markdown = write_summary(tmp_path)
+    markdown, _ = write_summary(tmp_path)
     with open(tmp_path / "summary.csv") as f:
         rows = list(csv.reader(f))
-    assert rows == [["job", "experts", "extra", "val/acc", "train/loss"], ["2", "8", "", "", ""], ["10", "16", "1", "0.5", "1.0"]]
-    assert "| 2 | 8 |  | — | — |" in markdown
+    no_metrics = "no metrics.json: the job did not finish (see its log)"
+    assert rows == [
+        ["job", "experts", "extra", "status", "val/acc", "train/loss", "reason"],
+        ["2", "8", "", "error", "", "", no_metrics],
+        ["10", "16", "1", "ok", "0.5", "1.0", ""],
+    ]
+    assert f"| 2 | 8 |  | error: {no_metrics} | — | — |" in markdown
     assert [job["job"] for job in collect_jobs(tmp_path)] == ["2", "10"]
 
 

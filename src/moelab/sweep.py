@@ -1,10 +1,10 @@
 """Hydra multirun support: TensorBoard run names from the overrides, and a summary table
-(overrides → final metrics) written to the sweep folder when a multirun ends."""
+(overrides → status and final metrics) written to the sweep folder when a multirun ends; a
+multirun in which any job did not end ok exits non-zero after the summary."""
 
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,6 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+from moelab.runs import METRICS_FILE, OK, read_record
 
 METRIC_ORDER = ("val/", "test/", "train/")
 
@@ -45,14 +47,15 @@ def _job_sort_key(path: Path) -> tuple[int, str]:
 
 
 def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One record per job folder of a sweep: {"job", "overrides": {key: value}, "metrics": {...}}."""
+    """One record per job folder of a sweep: {"job", "overrides": {key: value}, "metrics":
+    {name: float | None}, "status", "reason"} (a job without metrics.json is an error)."""
     jobs = []
     for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml"), key=lambda p: _job_sort_key(p.parents[1])):
         job_dir = overrides_file.parents[1]
         overrides = dict(parse_override(o) for o in (yaml.safe_load(overrides_file.read_text()) or []))
-        metrics_file = job_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-        jobs.append({"job": job_dir.name, "overrides": overrides, "metrics": metrics})
+        record = read_record(job_dir / METRICS_FILE)
+        jobs.append({"job": job_dir.name, "overrides": overrides, "metrics": record["metrics"],
+                     "status": record["status"], "reason": record["reason"] or ""})
     return jobs
 
 
@@ -69,39 +72,52 @@ def _metric_names(jobs: list[dict[str, Any]], wanted: Sequence[str] | None) -> l
 
 
 def summary_table(jobs: list[dict[str, Any]], metrics: Sequence[str] | None = None) -> tuple[list[str], list[list[str]]]:
-    """(header, rows): job number, every override key, then the metrics (full precision)."""
+    """(header, rows): job number, every override key, status, the metrics (full precision;
+    empty where a job has none), and the one-line reason of a job that did not end ok."""
     keys: list[str] = []
     for job in jobs:
         keys += [k for k in job["overrides"] if k not in keys]
     names = _metric_names(jobs, metrics)
-    header = ["job", *keys, *names]
+    header = ["job", *keys, "status", *names, "reason"]
     rows = []
     for job in jobs:
         values = [job["overrides"].get(k, "") for k in keys]
+        values.append(job["status"])
         values += ["" if job["metrics"].get(n) is None else repr(float(job["metrics"][n])) for n in names]
+        values.append(job["reason"])
         rows.append([job["job"], *values])
     return header, rows
 
 
 def markdown_table(header: list[str], rows: list[list[str]], num_override_columns: int) -> str:
-    """Markdown: overrides that differ between jobs, metrics to 4 significant digits; overrides
-    shared by every job are listed once above the table."""
+    """Markdown: overrides that differ between jobs, status (with the reason when not ok),
+    metrics to 4 significant digits; overrides shared by every job are listed once above."""
     override_cols = range(1, 1 + num_override_columns)
+    status_col, reason_col = 1 + num_override_columns, len(header) - 1
     shared = [c for c in override_cols if rows and len({r[c] for r in rows}) == 1]
-    keep = [c for c in range(len(header)) if c not in shared]
+    keep = [c for c in range(len(header) - 1) if c not in shared]
     lines = []
     if shared:
         lines.append("Shared overrides: " + " ".join(f"`{header[c]}={rows[0][c]}`" for c in shared) + "\n")
     lines.append("| " + " | ".join(header[c] for c in keep) + " |")
     lines.append("|" + "---|" * len(keep))
     for row in rows:
-        cells = [row[c] if c <= num_override_columns else (f"{float(row[c]):.4g}" if row[c] else "—") for c in keep]
+        cells = []
+        for c in keep:
+            if c < status_col:
+                cells.append(row[c])
+            elif c == status_col:
+                reason = row[reason_col].replace("|", "\\|")
+                cells.append(row[c] if not reason else f"{row[c]}: {reason}")
+            else:
+                cells.append(f"{float(row[c]):.4g}" if row[c] else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_summary(sweep_dir: Path, metrics: Sequence[str] | None = None) -> str:
-    """Write `summary.csv` and `summary.md` into the sweep folder; return the Markdown."""
+def write_summary(sweep_dir: Path, metrics: Sequence[str] | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """Write `summary.csv` and `summary.md` into the sweep folder; return the Markdown and
+    the jobs' records."""
     jobs = collect_jobs(sweep_dir)
     header, rows = summary_table(jobs, metrics)
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
@@ -111,7 +127,7 @@ def write_summary(sweep_dir: Path, metrics: Sequence[str] | None = None) -> str:
     num_override_columns = len({k for job in jobs for k in job["overrides"]})
     markdown = markdown_table(header, rows, num_override_columns)
     (sweep_dir / "summary.md").write_text(f"# Sweep summary: {sweep_dir}\n\n{markdown}")
-    return markdown
+    return markdown, jobs
 
 
 class SweepSummary(Callback):
@@ -132,5 +148,10 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             print(f"moelab: no sweep folder at {sweep_dir}: no summary written")
             return
-        markdown = write_summary(sweep_dir, self.metrics)
+        markdown, jobs = write_summary(sweep_dir, self.metrics)
         print(f"\nSweep summary ({sweep_dir}/summary.csv, summary.md):\n\n{markdown}", flush=True)
+        failed = [job for job in jobs if job["status"] != OK]
+        if failed:
+            # Hydra carries on past a failed job and would end the multirun with exit 0.
+            names = ", ".join(f"{job['job']} ({job['status']})" for job in failed)
+            raise SystemExit(f"moelab: error: {len(failed)} of {len(jobs)} jobs did not end ok: {names}; see {sweep_dir}/summary.md")
