@@ -53,6 +53,21 @@ def test_2x2_multirun_writes_a_summary_with_4_rows_and_named_tensorboard_runs(tm
         assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
 
 
+def test_a_failing_job_is_recorded_the_sweep_goes_on_and_exits_1(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = train_multirun("-m", "experts=0,4", *TINY, "trainer.limit_train_batches=4", "++trainer.max_steps=2", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"moelab: error: 1 of 2 jobs did not end ok: 0 (error); see {sweep}/summary.md"
+    )
+    with open(sweep / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["experts"], r["status"]) for r in rows] == [("0", "error"), ("4", "ok")]
+    assert rows[0]["reason"] == "experts=0: a MoE layer needs at least 1 expert, set experts>=1"
+    assert not rows[1].get("val/acc") and rows[1]["train/loss"]  # too short to validate: no value, still ok
+    assert "| 0 | error: experts=0: a MoE layer needs at least 1 expert" in (sweep / "summary.md").read_text()
+
+
 def _fake_job(sweep: Path, num: int, overrides: list[str], metrics: dict | None) -> None:
     (sweep / str(num) / ".hydra").mkdir(parents=True)
     (sweep / str(num) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
@@ -80,6 +95,18 @@ def test_parse_override():
     assert parse_override("router=topk") == ("router", "topk")
     assert parse_override("++model.moe_layers=[0,3]") == ("model.moe_layers", "[0,3]")
     assert parse_override("~callbacks.progress") == ("callbacks.progress", "(deleted)")
+
+
+def test_optuna_study_survives_failed_trials_and_ends_in_one_line_when_none_completed(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="needs the `sweep` extra")
+    sweep = tmp_path / "optuna"
+    result = train_multirun("hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+                            "++hydra.sweeper.params={experts:'choice(0,1)',router.k:'choice(2)'}", *TINY, f"hydra.sweep.dir={sweep}")
+    # experts=0 is a config error, experts=1 with k=2 too: both trials fail, the study does not crash.
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("moelab: error: no Optuna trial completed")
+    with open(sweep / "summary.csv") as f:
+        assert {row["status"] for row in csv.DictReader(f)} == {"error"}
 
 
 def test_optuna_search_runs_trials_and_summarises(tmp_path):
