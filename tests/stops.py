@@ -1,6 +1,6 @@
 """Callbacks that stop a run the ways real runs stop, for the resume tests: a signal sent to
 the process itself, or an exception from inside a step. Added with
-`+callbacks.stop._target_=tests.stops.<Name>`."""
+`+callbacks.stop._target_=tests.stops.<Name>`; and one that makes a router diverge."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import signal
 
 import lightning as L
+import torch
 
 
 class SignalAt(L.Callback):
@@ -40,3 +41,19 @@ class RaiseAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.where == "batch_end" and trainer.global_step == self.step + 1:
             raise Crash(f"injected failure after step {self.step}")
+
+
+class PoisonRouterAt(L.Callback):
+    """Before training step `step`, set one gate weight of the router of MoE layer `layer` to
+    inf: that router's logits are the first non-finite values of the forward pass."""
+
+    def __init__(self, step: int, layer: int = 1) -> None:
+        self.step, self.layer = step, layer
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            from moelab.moe import moe_layers
+
+            (layer,) = [m for m in moe_layers(pl_module) if m.layer_index == self.layer]
+            with torch.no_grad():
+                layer.router.gate.weight[0, 0] = float("inf")

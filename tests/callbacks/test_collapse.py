@@ -54,3 +54,23 @@ def test_forced_collapse_raises_the_alarm_logs_the_flag_and_stops(tmp_path):
 def test_bad_alarm_settings_are_config_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         ExpertCollapseAlarm(**kwargs)
+
+
+def test_alarm_state_survives_a_checkpoint_and_ignores_non_finite_steps(tmp_path):
+    cfg = compose_config(tmp_path, "trainer=debug", "data.batch_size=16", "callbacks.progress=null")
+    _, task, trainer = build(cfg)
+    alarm = ExpertCollapseAlarm(patience=3)
+    alarm._streak = {1: torch.tensor([0, 2, 1])}
+    alarm._warned = {1: torch.tensor([False, True, False])}
+    restored = ExpertCollapseAlarm(patience=3)
+    restored.load_state_dict(alarm.state_dict())
+    assert torch.equal(restored._streak[1], alarm._streak[1]) and torch.equal(restored._warned[1], alarm._warned[1])
+
+    # A forward whose router logits are NaN: the layer is skipped, its streaks do not move.
+    layer = next(m for m in moe_layers(task.model) if m.layer_index == 1)
+    with torch.no_grad():
+        layer.router.gate.weight.fill_(float("nan"))
+        task.model(torch.randn(4, 1, 8, 8))
+    trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total.completed = 10
+    restored.on_train_batch_end(trainer, task, None, None, 0)
+    assert torch.equal(restored._streak[1], torch.tensor([0, 2, 1]))

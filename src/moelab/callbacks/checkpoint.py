@@ -183,10 +183,10 @@ class LastCheckpoint(Checkpoint):
         self._save(trainer, pl_module)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, Diverged) or trainer.sanity_checking:
-            return
         if self.signal is None and isinstance(exception, KeyboardInterrupt):
             self.signal = signal.SIGINT  # Ctrl+C before training started, or at once twice
+        if isinstance(exception, Diverged) or trainer.sanity_checking or not self._has_new_state(trainer):
+            return
         if _distributed(trainer) and not isinstance(exception, SIGTERMException):
             rank_zero_warn(f"moelab: not saving {self.path} after {type(exception).__name__}: other ranks may be "
                            "blocked in a collective; the last checkpoint written stays")
@@ -204,11 +204,15 @@ class LastCheckpoint(Checkpoint):
 
     # -- how to save ---------------------------------------------------------------------
 
+    def _has_new_state(self, trainer: L.Trainer) -> bool:
+        """Whether training moved since the last save (or since the run started)."""
+        if self.saved_step == trainer.global_step:
+            return False
+        return trainer.global_step > 0 or self.saved_step is not None
+
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run or self.saved_step == trainer.global_step:
+        if trainer.sanity_checking or trainer.fast_dev_run or not self._has_new_state(trainer):
             return
-        if trainer.global_step == 0 and self.saved_step is None and not trainer.ckpt_path:
-            return  # nothing trained yet: no checkpoint to write
         finite = trainer.strategy.reduce_boolean_decision(parameters_finite(pl_module), all=True)
         if not finite:
             rank_zero_warn(f"moelab: not saving {self.path}: the weights at step {trainer.global_step} are not finite")
