@@ -21,8 +21,8 @@ from .conftest import ROOT, compose_config
 FAST = ("trainer=debug", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
 
 
-def train_cli(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def train_cli(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     flags = [o for o in overrides if o.startswith("-")]  # e.g. -m must precede the overrides
     overrides = tuple(o for o in overrides if not o.startswith("-"))
     return subprocess.run(
@@ -72,6 +72,15 @@ def test_bad_config_is_one_line_without_traceback(tmp_path):
         ("router.capacity_factor=0", "router.capacity_factor=0 must be > 0"),
         ("model.moe_layers=[1,7]", "model.moe_layers has 7, outside a model of depth 4"),
         ("router=switch router.normalize=true", "set router.normalize=false"),
+        ("data.batch_size=0", "data.batch_size=0 must be a positive integer"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
+        ("task.lr=-0.01", "task.lr=-0.01 must be a positive number"),
+        ("task.betas=[0.9,1.5]", "task.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
+        ("seed=abc", "seed='abc' must be a whole number"),
+        ("experts=abc", "experts='abc' must be a whole number of experts"),
+        ("ep=0", "ep=0 must be >= 1"),
+        ("loss.balance=-1", "loss.balance=-1 is negative, which rewards what the balance loss penalises"),
+        ("loss.zloss=abc", "loss.zloss=abc must be a number"),
     ],
 )
 def test_bad_config_messages(tmp_path, override, message):
@@ -79,6 +88,22 @@ def test_bad_config_messages(tmp_path, override, message):
     with pytest.raises(SystemExit) as info:
         run(cfg)
     assert message in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).startswith("moelab: error: ")
+    record = strict_json(tmp_path / "metrics.json")
+    assert record["status"] == "error" and message in record["reason"]
+
+
+def test_a_negative_entropy_weight_is_allowed_since_its_sign_picks_the_direction(tmp_path):
+    run(compose_config(tmp_path, *FAST, "+loss.entropy=-1e-3"))
+    assert strict_json(tmp_path / "metrics.json")["status"] == "ok"
+
+
+def test_debug_switch_keeps_the_traceback(tmp_path):
+    env_result = train_cli(tmp_path / "a", *FAST, "experts=abc", env={"MOELAB_DEBUG": "1"})
+    verbose_result = train_cli(tmp_path / "b", *FAST, "experts=abc", "hydra.verbose=true")
+    for result in (env_result, verbose_result):
+        assert result.returncode == 1 and "Traceback" in result.stderr
+        assert "ConfigError: experts='abc' must be a whole number" in result.stderr
 
 
 def test_unknown_group_option_lists_the_options(tmp_path):
@@ -123,9 +148,70 @@ def test_resume_from_checkpoint_continues_training(tmp_path):
     first = compose_config(tmp_path / "first", *FAST, "trainer.max_epochs=1")
     run(first)
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 3
+    assert torch.load(last, weights_only=True)["global_step"] == 3
 
     second = compose_config(tmp_path / "second", *FAST, "trainer.max_epochs=2", f"ckpt_path={last}")
     run(second)
-    resumed = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=True)
     assert resumed["global_step"] == 6 and resumed["epoch"] == 1
+
+
+def test_last_ckpt_is_the_final_step_and_best_is_separate(tmp_path):
+    # Epoch 0 ends at step 4 (a checkpoint then); max_steps stops in the middle of epoch 1.
+    run(compose_config(tmp_path, *FAST, "trainer.limit_train_batches=4", "trainer.max_epochs=3", "++trainer.max_steps=6"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["step"] == 6 and metrics["status"] == "ok"
+    checkpoints = tmp_path / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 6
+    (best,) = checkpoints.glob("best-epoch*.ckpt")
+    assert torch.load(best, weights_only=True)["global_step"] == 4  # the only validation was at step 4
+    assert not list(checkpoints.glob(".*"))  # no partial checkpoint left behind
+
+
+def strict_json(path: Path) -> dict:
+    def refuse(constant: str):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_divergence_stops_at_that_step_names_the_router_and_keeps_the_good_checkpoint(tmp_path, recwarn):
+    # Epoch 0 (steps 0-3) ends with a checkpoint; step 5 makes layer 1's router logits inf.
+    cfg = compose_config(
+        tmp_path, *FAST, "trainer.limit_train_batches=4", "trainer.max_epochs=3", "trainer.log_every_n_steps=1",
+        "callbacks.collapse_alarm.patience=1", "+callbacks.poison._target_=tests.stops.PoisonRouterAt",
+        "+callbacks.poison.step=5",
+    )
+    with pytest.raises(SystemExit) as stop:
+        run(cfg)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    message = str(stop.value)
+    assert message.startswith("moelab: error: training diverged at step 5: ") and "\n" not in message
+    assert "the router of MoE layer 1 (model.vit.blocks.1.mlp.router) gave non-finite logits first" in message
+    assert f"last good checkpoint: {last} (step 4)" in message
+
+    record = strict_json(tmp_path / "metrics.json")
+    assert record["status"] == "diverged" and record["step"] == 5 and record["reason"] in message
+    for checkpoint in (last, *(tmp_path / "checkpoints").glob("best-*.ckpt")):
+        state = torch.load(checkpoint, weights_only=True)
+        assert state["global_step"] == 4
+        assert all(torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point())
+    alarms = [str(w.message) for w in recwarn if "dead experts at step" in str(w.message)]
+    assert not [a for a in alarms if int(a.split("dead experts at step ")[1].split(":")[0]) >= 5]  # quiet on the NaN step
+
+
+def test_diverging_cli_run_exits_1_with_one_line(tmp_path):
+    result = train_cli(tmp_path / "run", *FAST, "task.lr=1e3", "callbacks.progress=null")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("moelab: error: training diverged at step ") and "lower task.lr (here 1000)" in last
+    assert strict_json(tmp_path / "run" / "metrics.json")["status"] == "diverged"
+
+
+def test_a_run_too_short_to_validate_warns_and_exits_0(tmp_path):
+    result = train_cli(tmp_path / "run", "++trainer.max_steps=3", "++trainer.max_epochs=1", "callbacks.progress=null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "optimized_metric 'val/acc' was not logged" in result.stderr
+    metrics = strict_json(tmp_path / "run" / "metrics.json")
+    assert metrics["status"] == "ok" and metrics["step"] == 3 and "val/acc" not in metrics
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3

@@ -10,6 +10,7 @@ trusted source.
 
 from __future__ import annotations
 
+import pickle
 import re
 import zipfile
 from dataclasses import dataclass
@@ -42,10 +43,14 @@ def is_url(path: str) -> bool:
 
 
 def _unreadable(path: str, exc: BaseException) -> ConfigError:
+    """One line for a load failure. torch's own message for a refused pickle advises
+    loading with weights_only=False, i.e. running whatever the file holds: never passed on."""
     text = str(exc)
-    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    unsafe = re.search(r"GLOBAL ([\w.]+)", text)
     if unsafe:
         why = f"it holds a pickled {unsafe.group(1)}, and moelab loads only tensors and plain values (weights_only=True)"
+    elif isinstance(exc, pickle.UnpicklingError) or "weights_only" in text:
+        why = "it holds objects other than tensors and plain values, which moelab does not load"
     elif isinstance(exc, EOFError):
         why = "it ends early (truncated?)"
     else:
@@ -163,6 +168,25 @@ def shape_differences(saved: Mapping[str, tuple], expected: Mapping[str, tuple])
     return notes
 
 
+def _model_class(config: Mapping[str, Any]) -> str:
+    return str((config.get("model") or {}).get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def _explain(notes: list[str], saved: Mapping[str, Any] | None, current: Mapping[str, Any] | None) -> list[str]:
+    """The few facts that say why weights differ: the expert count, the settings that differ
+    (when both configs are known), else the weights themselves."""
+    parts = [note for note in notes if "experts per layer" in note]
+    if saved is not None and current is not None:
+        if _model_class(saved) != _model_class(current):
+            parts.append(f"the checkpoint holds a {_model_class(saved)}, this config builds a {_model_class(current)}")
+        else:
+            settings = config_differences(saved, current)
+            if parts:  # the expert count is said already
+                settings = [d for d in settings if not d.startswith("experts:") and "num_experts:" not in d]
+            parts += settings[:3]
+    return parts or notes[:2]
+
+
 def check_resumable(path: str, task: nn.Module, sharded_strategy: bool, config: Mapping[str, Any] | None = None) -> None:
     """Refuse, in one line, a `ckpt_path` this run cannot resume from."""
     if path in LIGHTNING_KEYWORDS:
@@ -177,8 +201,7 @@ def check_resumable(path: str, task: nn.Module, sharded_strategy: bool, config: 
     expected = {key: tuple(value.shape) for key, value in task.state_dict().items()}
     notes = shape_differences(info.shapes, expected)
     if notes:
-        settings = config_differences(info.config, config) if info.config is not None and config is not None else []
-        details = "; ".join(dict.fromkeys(notes[:1] + settings[:3] + notes[1:]))
+        details = "; ".join(_explain(notes, info.config, config))
         raise ConfigError(
             f"ckpt_path={path} was trained with another architecture ({details}): resume with the config of the "
             "run that wrote it (its .hydra/config.yaml), or train anew without ckpt_path"

@@ -162,6 +162,7 @@ class _Run:
     trainer: L.Trainer | None = None
     last: LastCheckpoint | None = None
     ckpt_path: str | None = None
+    lr: float | None = None
 
     def metrics(self) -> dict[str, Any]:
         if self.trainer is None:
@@ -249,14 +250,17 @@ def _report(exc: BaseException, run_state: _Run) -> None:
             then = f"saved {saved}: resume with the same command plus ckpt_path={saved}"
         else:
             then = "no checkpoint was written"
-        reason = f"stopped by {signal.Signals(signum).name} {where}; {then}"
+        received = run_state.last is None or run_state.last.signal is not None or not isinstance(exc, SIGTERMException)
+        by = signal.Signals(signum).name if received else "a signal to another rank"
+        reason = f"stopped by {by} {where}; {then}"
         _write_record(run_state, INTERRUPTED, reason)
-        print(f"moelab: {reason}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + int(signum)) from None
+        raise RunEnded(128 + int(signum), _say(f"moelab: {reason}")) from None
     if isinstance(exc, SystemExit):
         raise exc  # not ours to reinterpret
     if isinstance(exc, Diverged):
         status, reason = DIVERGED, f"{exc}; {run_state.last_good_checkpoint()}"
+        if run_state.lr is not None and "input batch" not in exc.what:
+            reason += f"; try a lower task.lr (here {run_state.lr:g}) or more task.warmup_steps"
     elif (user_error := _user_error(exc)) is not None:
         status, reason = ERROR, str(user_error).strip().splitlines()[0] if str(user_error).strip() else type(user_error).__name__
     else:
@@ -269,11 +273,36 @@ def _report(exc: BaseException, run_state: _Run) -> None:
     _write_record(run_state, status, reason)
     if debug_requested():
         raise exc
-    line = f"moelab: error: {reason}"
     if in_multirun():
-        log.error(line)
+        log.error(f"moelab: error: {reason}")
         return None
-    raise SystemExit(line) from None
+    raise RunEnded(1, _say(f"moelab: error: {reason}")) from None
+
+
+class RunEnded(SystemExit):
+    """How `run` ends a run that did not end ok: the exit code, and (as `str`) the one
+    line it printed."""
+
+    def __init__(self, code: int, line: str) -> None:
+        super().__init__(code)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def _say(line: str) -> str:
+    """Print one line on stderr in one write (the ranks of a run share the terminal);
+    ranks other than 0 say which they are. Returns the line."""
+    rank = getattr(rank_zero_only, "rank", 0)
+    if rank:
+        for head in ("moelab: error: ", "moelab: "):
+            if line.startswith(head):
+                line = f"{head[:-2]} (rank {rank}): {line[len(head):]}"
+                break
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    return line
 
 
 def _plain_config(cfg: DictConfig) -> dict[str, Any]:
@@ -288,6 +317,7 @@ def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, task, trainer = build(cfg)
     run_state.trainer = trainer
+    run_state.lr = task.hparams.get("lr")
     run_state.last = next((cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
     config = _plain_config(cfg)
     if run_state.last is not None:

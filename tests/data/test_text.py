@@ -141,6 +141,30 @@ def test_uint32_tokens_and_vocab_check(tmp_path):
         too_small.setup()
 
 
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("empty", "train.bin is empty: write it again with `python scripts/prepare_text.py --out"),
+        ("odd", "train.bin has 201 bytes, not a whole number of uint16 tokens (2 bytes each)"),
+        ("large_id", "train.bin holds token id 5000, outside data.vocab_size=1000: set data.vocab_size=5001 or more"),
+    ],
+)
+def test_broken_token_files_are_one_line_errors(tmp_path, damage, message):
+    ids = {s: np.arange(100) for s in ("train", "val", "test")}
+    write_tokens(tmp_path / "tok", ids)
+    train = tmp_path / "tok" / "train.bin"
+    if damage == "empty":
+        train.write_bytes(b"")
+    elif damage == "odd":
+        train.write_bytes(train.read_bytes() + b"\x00")
+    else:
+        np.asarray([1, 2, 5000] * 40, dtype=np.uint16).tofile(train)
+    module = TokenFileDataModule(str(tmp_path / "tok"), vocab_size=1000, seq_len=8)
+    with pytest.raises(ConfigError) as info:
+        module.setup()
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
 def test_missing_token_file_names_the_prepare_command(tmp_path):
     module = TokenFileDataModule(str(tmp_path / "nowhere"), seq_len=8)
     with pytest.raises(FileNotFoundError) as info:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -72,3 +73,16 @@ def test_ep_without_expert_parallel_trainer_is_refused(tmp_path):
     result = train_cli(tmp_path / "run", "ep=2")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == "moelab: error: ep=2 needs an expert-parallel trainer: add trainer=fsdp_ep"
+
+
+def test_a_bad_input_found_on_every_rank_is_one_line_per_rank(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    for split in ("train", "val", "test"):
+        (np.arange(200, dtype=np.uint16) * 300).tofile(tokens / f"{split}.bin")  # ids up to 59700
+    result = train_cli(tmp_path / "run", "trainer=ddp", "trainer.devices=2", "model=lm", "task=language", "data=tokens",
+                       f"data.path={tokens}", "data.vocab_size=1024", "data.seq_len=16", "optimized_metric=val/loss", *LIMITS)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("moelab:")]
+    why = f"{tokens}/train.bin holds token id 59700, outside data.vocab_size=1024: set data.vocab_size=59701 or more (or check data.dtype=uint16)"
+    assert sorted(lines) == [f"moelab: error (rank 1): {why}", f"moelab: error: {why}"]  # each rank, one line
