@@ -74,3 +74,23 @@ def test_alarm_state_survives_a_checkpoint_and_ignores_non_finite_steps(tmp_path
     trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total.completed = 10
     restored.on_train_batch_end(trainer, task, None, None, 0)
     assert torch.equal(restored._streak[1], torch.tensor([0, 2, 1]))
+
+
+def test_alarm_reads_the_plan_of_every_router_kind():
+    from functools import partial
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from moelab.moe import GroupedExperts, MoELayer
+
+    from ..conftest import CONF
+
+    trainer = SimpleNamespace(global_step=1, log_every_n_steps=1, is_global_zero=True, loggers=[])
+    for path in sorted((CONF / "router").glob("*.yaml")):
+        layer = MoELayer(16, 32, instantiate(OmegaConf.load(path)), partial(GroupedExperts, num_experts=4), layer_index=0)
+        layer(torch.randn(2, 8, 16), token_ids=torch.randint(0, 100, (2, 8)))
+        alarm = ExpertCollapseAlarm(patience=1)
+        alarm.on_train_batch_end(trainer, torch.nn.Sequential(layer), None, None, 0)
+        assert 0 in alarm._streak, path.stem

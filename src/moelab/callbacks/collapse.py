@@ -68,7 +68,7 @@ class ExpertCollapseAlarm(L.Callback):
         scalars: dict[str, float] = {}
         newly_dead: list[str] = []
         for index, layer in indexed_moe_layers(pl_module):
-            if layer.last_plan is None or not bool(torch.isfinite(layer.last_plan.router_logits_TE).all()):
+            if layer.last_plan is None or not bool(torch.isfinite(layer.last_plan.router_probs_TE).all()):
                 continue  # a non-finite step routes garbage: not evidence of a dead expert
             counts_E = layer.last_plan.tokens_per_expert_E.detach().double().cpu()
             share_E = counts_E / counts_E.sum().clamp_min(1e-12)
