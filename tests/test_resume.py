@@ -114,3 +114,14 @@ def test_fsdp_ep_on_two_ranks_stopped_by_a_signal_to_one_rank_resumes_exactly(tm
     resumed = train_cli(tmp_path / "resumed", *common, f"ckpt_path={checkpoint}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert record(tmp_path / "resumed") == record(tmp_path / "straight")
+
+
+def test_a_requeued_slurm_job_in_its_own_folder_continues_from_last_ckpt(tmp_path, vit_straight):
+    folder = tmp_path / "job"
+    stop = ("+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=3", "+callbacks.stop.signum=SIGTERM")
+    assert run_until_stopped(folder, *VIT, *stop) == 143  # preempted: SLURM sends SIGTERM
+    # The requeued job runs the same command in the same folder (hydra.run.dir=…/${oc.env:SLURM_JOB_ID}).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SLURM_RESTART_COUNT", "1")
+        assert run_until_stopped(folder, *VIT) == 0
+    assert record(folder) == vit_straight

@@ -168,6 +168,14 @@ def test_last_ckpt_is_the_final_step_and_best_is_separate(tmp_path):
     assert not list(checkpoints.glob(".*"))  # no partial checkpoint left behind
 
 
+def test_a_run_stopped_by_max_time_saves_the_step_it_reached(tmp_path):
+    run(compose_config(tmp_path, *FAST, "trainer.limit_train_batches=null", "trainer.max_epochs=1000",
+                       "++trainer.max_time=00:00:00:02"))
+    metrics = strict_json(tmp_path / "metrics.json")
+    assert metrics["status"] == "ok" and 0 < metrics["step"] < 1000 * 20
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == metrics["step"]
+
+
 def strict_json(path: Path) -> dict:
     def refuse(constant: str):
         raise ValueError(f"not strict JSON: {constant}")

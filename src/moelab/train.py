@@ -4,6 +4,7 @@ test, write metrics.json with the run's status, and return the metric a sweep op
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -133,27 +134,6 @@ def restored_launcher_env():
                 os.environ[key] = value
 
 
-
-
-# What Lightning's launcher writes into this process's environment when it starts ranks.
-LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
-
-
-@contextmanager
-def restored_launcher_env():
-    """Undo the launcher's environment after a job: with LOCAL_RANK left behind, the next
-    job of a multirun would believe its ranks were started externally and wait forever."""
-    saved = {key: os.environ.get(key) for key in LAUNCHER_ENV}
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 @dataclass
 class _Run:
     """What a run has built so far, for the record of a run that ends early."""
@@ -262,9 +242,9 @@ def _report(exc: BaseException, run_state: _Run) -> None:
         if run_state.lr is not None and "input batch" not in exc.what:
             reason += f"; try a lower task.lr (here {run_state.lr:g}) or more task.warmup_steps"
     elif (user_error := _user_error(exc)) is not None:
-        status, reason = ERROR, str(user_error).strip().splitlines()[0] if str(user_error).strip() else type(user_error).__name__
+        status, reason = ERROR, _first_line(user_error)
     else:
-        status, reason = ERROR, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+        status, reason = ERROR, f"{type(exc).__name__}: {_first_line(exc)}"
         _write_record(run_state, status, reason)
         if in_multirun() and not debug_requested():
             log.exception("moelab: this job failed; the sweep goes on")
@@ -277,6 +257,11 @@ def _report(exc: BaseException, run_state: _Run) -> None:
         log.error(f"moelab: error: {reason}")
         return None
     raise RunEnded(1, _say(f"moelab: error: {reason}")) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class RunEnded(SystemExit):
@@ -305,6 +290,17 @@ def _say(line: str) -> str:
     return line
 
 
+def requeued_checkpoint(last: LastCheckpoint | None) -> str | None:
+    """A SLURM job that was requeued (SLURM_RESTART_COUNT > 0) and runs in the folder of its
+    first start (a stable `hydra.run.dir`) continues from that folder's last.ckpt: the exact
+    state the preempted run saved on SIGTERM (Lightning's own `hpc_ckpt_*.ckpt`, written from
+    its SIGUSR1 handler, is its fallback when there is none)."""
+    if last is None or os.environ.get("SLURM_RESTART_COUNT", "0") in ("", "0") or not last.path.exists():
+        return None
+    log.info("Requeued SLURM job: resuming from %s", last.path)
+    return str(last.path)
+
+
 def _plain_config(cfg: DictConfig) -> dict[str, Any]:
     """The composed config as plain values (for checkpoints: weights_only loading)."""
     try:
@@ -326,6 +322,8 @@ def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
         log.info("Run folder: %s", run_state.output_dir)
 
     ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None:
+        ckpt_path = requeued_checkpoint(run_state.last)
     if ckpt_path is not None:
         ckpt_path = str(ckpt_path)
         sharded = isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy))
@@ -349,5 +347,4 @@ def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
             stacklevel=1,
         )
         return None
-    value = metrics[name]
-    return value if value == value and abs(value) != float("inf") else None
+    return metrics[name] if math.isfinite(metrics[name]) else None

@@ -71,9 +71,10 @@ class LastCheckpoint(Checkpoint):
     - at the step where a fit stops early: `max_steps` or `max_time` reached, or another
       callback set `trainer.should_stop`;
     - when the run is stopped: on SIGINT or SIGTERM the fit stops at the next optimizer-step
-      boundary and saves there; on an exception it saves the last completed step (on one
-      process; with several ranks only a signal-driven stop, which every rank takes at the
-      same step, can save, since other ranks may be blocked in a collective).
+      boundary and saves there (several ranks agree on that step with one all-reduce of a
+      flag per step); on an exception it saves the last completed step (on one process; with
+      several ranks only a signal-driven stop, which every rank takes at the same step, can
+      save, since other ranks may be blocked in a collective).
 
     Never with non-finite weights, never after a divergence (`moelab.runs.Diverged`), and
     atomically (written beside, then renamed over the old one). The checkpoint carries the
@@ -93,7 +94,6 @@ class LastCheckpoint(Checkpoint):
         self._rng_at_batch_start: dict[str, Any] | None = None
         self._in_batch = False
         self._rewind = False
-        self._previous_handlers: dict[int, Any] = {}
 
     @property
     def path(self) -> Path:
@@ -140,7 +140,7 @@ class LastCheckpoint(Checkpoint):
         # After Lightning registered its own handlers; its teardown restores the originals.
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+                signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signal is not None and signum == signal.SIGINT:
@@ -199,8 +199,12 @@ class LastCheckpoint(Checkpoint):
             self._save(trainer, pl_module)
         except Exception as save_error:  # noqa: BLE001 - never hide the exception that stopped the run
             rank_zero_warn(f"moelab: could not save {self.path} after {type(exception).__name__}: {save_error}")
+            return
         finally:
             self._rewind = False
+        if self.signal is None and trainer.is_global_zero and self.last_path is not None:
+            log.error("moelab: saved %s (step %d) after %s: resume with the same command plus ckpt_path=%s",
+                      self.last_path, self.saved_step, type(exception).__name__, self.last_path)
 
     # -- how to save ---------------------------------------------------------------------
 
