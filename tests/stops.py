@@ -12,15 +12,29 @@ import torch
 
 
 class SignalAt(L.Callback):
-    """Send `signum` to this process (rank `rank` only) during training step `step`: after
-    its forward pass, as a Ctrl+C or `kill` arriving mid-step would."""
+    """Send `signum` once, at optimizer step `step`, on rank `rank`: after a training forward
+    pass (as a Ctrl+C or `kill` arriving mid-step would), or during a validation
+    (`during=validation`). To this process, or with `group=true` to its whole process group,
+    as a terminal's Ctrl+C does (loader workers included)."""
 
-    def __init__(self, step: int, signum: str = "SIGINT", rank: int = 0) -> None:
-        self.step, self.signum, self.rank = step, getattr(signal, signum), rank
+    def __init__(self, step: int, signum: str = "SIGINT", rank: int = 0, during: str = "training", group: bool = False) -> None:
+        self.step, self.signum, self.rank, self.during, self.group = step, getattr(signal, signum), rank, during, group
+        self.sent = False
+
+    def _send(self, trainer: L.Trainer, during: str) -> None:
+        if self.sent or during != self.during or trainer.global_step != self.step or trainer.global_rank != self.rank:
+            return
+        self.sent = True
+        if self.group:
+            os.killpg(os.getpgrp(), self.signum)
+        else:
+            os.kill(os.getpid(), self.signum)
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss) -> None:
-        if trainer.global_step == self.step and trainer.global_rank == self.rank:
-            os.kill(os.getpid(), self.signum)
+        self._send(trainer, "training")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._send(trainer, "validation")
 
 
 class Crash(RuntimeError):
@@ -28,8 +42,9 @@ class Crash(RuntimeError):
 
 
 class RaiseAt(L.Callback):
-    """Raise `Crash` in training step `step`, before its optimizer step ("backward") or after
-    it ("batch_end")."""
+    """Raise `Crash` in training step `step`: after its backward pass ("backward"; with
+    gradient accumulation, in every micro-batch of the step), after its optimizer step
+    ("batch_end"), or in a validation that follows it ("validation")."""
 
     def __init__(self, step: int, where: str = "backward") -> None:
         self.step, self.where = step, where
@@ -41,6 +56,24 @@ class RaiseAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.where == "batch_end" and trainer.global_step == self.step + 1:
             raise Crash(f"injected failure after step {self.step}")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.where == "validation" and trainer.global_step == self.step:
+            raise Crash(f"injected failure in the validation at step {self.step}")
+
+
+class RaiseInMicroBatch(L.Callback):
+    """Raise `Crash` after the backward pass of micro-batch `batch` of epoch `epoch`."""
+
+    def __init__(self, batch: int, epoch: int) -> None:
+        self.batch, self.epoch = batch, epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._here = batch_idx == self.batch and trainer.current_epoch == self.epoch
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._here:
+            raise Crash(f"injected failure in micro-batch {self.batch} of epoch {self.epoch}")
 
 
 class PoisonRouterAt(L.Callback):

@@ -21,13 +21,16 @@ from .conftest import ROOT, compose_config
 FAST = ("trainer=debug", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
 
 
-def train_cli(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def train_cli(
+    run_dir: Path, *overrides: str, env: dict[str, str] | None = None, new_session: bool = False
+) -> subprocess.CompletedProcess:
+    """`python train.py` in a subprocess (`new_session`: in a process group of its own)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     flags = [o for o in overrides if o.startswith("-")]  # e.g. -m must precede the overrides
     overrides = tuple(o for o in overrides if not o.startswith("-"))
     return subprocess.run(
         [sys.executable, "train.py", *flags, f"hydra.run.dir={run_dir}", *overrides],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, start_new_session=new_session,
     )
 
 

@@ -92,7 +92,8 @@ class LastCheckpoint(Checkpoint):
         self._stop_requested = False
         self._step_at_batch_start = -1
         self._rng_at_batch_start: dict[str, Any] | None = None
-        self._in_batch = False
+        self._in_batch = self._updating = False
+        self._batch_idx = 0
         self._rewind = False
 
     @property
@@ -118,8 +119,9 @@ class LastCheckpoint(Checkpoint):
         rank = dist.get_rank() if world > 1 else 0
         if len(states) != world:
             rank_zero_warn(
-                f"the checkpoint holds the random streams of {len(states)} rank(s) and this run has {world}: "
-                "noise routers and dropout draw new values from here on (weights, optimizer and data order resume exactly)"
+                f"the checkpoint holds the random streams of {len(states)} rank(s) and this run has {world}: weights, "
+                "optimizer, schedule and epoch position resume, but each rank's share of the data and its noise and "
+                "dropout draws are those of the new world size"
             )
             return
         set_rng_state(states[rank])
@@ -147,17 +149,20 @@ class LastCheckpoint(Checkpoint):
             raise KeyboardInterrupt  # a second Ctrl+C: stop now, without waiting for the step
         self.signal = signum
         log.warning(
-            "moelab: %s received: stopping at the end of this optimizer step and saving %s "
+            "moelab: %s received: stopping after the optimizer step in progress and saving %s "
             "(press Ctrl+C again to stop at once)", signal.Signals(signum).name, self.path,
         )
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._in_batch = True
+        self._in_batch, self._batch_idx, self._updating = True, batch_idx, False
         self._step_at_batch_start = trainer.global_step
         self._rng_at_batch_start = rng_state()
 
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self._updating = True  # from here until the batch ends the weights may be half-updated
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._in_batch = False
+        self._in_batch = self._updating = False
         last_batch = batch_idx + 1 >= trainer.num_training_batches
         if not (last_batch or (batch_idx + 1) % trainer.accumulate_grad_batches == 0):
             return  # inside a gradient accumulation: not a step boundary
@@ -168,13 +173,25 @@ class LastCheckpoint(Checkpoint):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop and not self._stop_requested:
             # Lightning's SIGTERM flag: with it set on every rank, Lightning raises
-            # SIGTERMException on all of them right after this batch (after the epoch's
-            # validation and end, on the last batch), and `on_exception` saves there.
+            # SIGTERMException on all of them right after this batch (after a validation that
+            # is due, and after the epoch's end on its last batch), and `on_exception` saves there.
             self._stop_requested = True
             trainer._signal_connector.received_sigterm = True
         max_steps_reached = 0 <= trainer.max_steps <= trainer.global_step
-        if (trainer.should_stop or max_steps_reached) and not last_batch:
+        # should_stop is ignored by Lightning until min_steps / min_epochs are met.
+        stopping = trainer.should_stop and getattr(trainer.fit_loop, "_can_stop_early", True)
+        if (stopping or max_steps_reached) and not last_batch:
             self._save(trainer, pl_module)  # the epoch end (and its validation) will not come
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning's evaluation loop also obeys its SIGTERM flag, and would stop the validation
+        # that is due before the stop half-way, in a state no checkpoint can hold: let it finish.
+        if self._stop_requested:
+            trainer._signal_connector.received_sigterm = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._stop_requested:
+            trainer._signal_connector.received_sigterm = True
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer, pl_module)
@@ -187,9 +204,10 @@ class LastCheckpoint(Checkpoint):
             self.signal = signal.SIGINT  # Ctrl+C before training started, or at once twice
         if isinstance(exception, Diverged) or trainer.sanity_checking or not self._has_new_state(trainer):
             return
-        if _distributed(trainer) and not isinstance(exception, SIGTERMException):
-            rank_zero_warn(f"moelab: not saving {self.path} after {type(exception).__name__}: other ranks may be "
-                           "blocked in a collective; the last checkpoint written stays")
+        why_not = self._unsaveable(trainer, exception)
+        if why_not:
+            rank_zero_warn(f"moelab: not saving {self.path} after {type(exception).__name__}: {why_not}; "
+                           "the last checkpoint written stays")
             return
         # An exception inside a training batch before its optimizer step: the weights are
         # still those of the last completed step, so save them with the random streams of
@@ -205,6 +223,19 @@ class LastCheckpoint(Checkpoint):
         if self.signal is None and trainer.is_global_zero and self.last_path is not None:
             log.error("moelab: saved %s (step %d) after %s: resume with the same command plus ckpt_path=%s",
                       self.last_path, self.saved_step, type(exception).__name__, self.last_path)
+
+    def _unsaveable(self, trainer: L.Trainer, exception: BaseException) -> str | None:
+        """Why the state at an exception cannot be saved as a resumable step, or None."""
+        if _distributed(trainer) and not isinstance(exception, SIGTERMException):
+            return "other ranks may be blocked in a collective"
+        if trainer.validating:
+            return "it came during validation, whose partial results no checkpoint holds"
+        before_step = self._in_batch and trainer.global_step == self._step_at_batch_start
+        if before_step and self._updating:
+            return "it came during an optimizer step (the weights may be half-updated)"
+        if before_step and self._batch_idx % trainer.accumulate_grad_batches:
+            return "it came inside a gradient accumulation, whose gradients no checkpoint holds"
+        return None
 
     # -- how to save ---------------------------------------------------------------------
 
