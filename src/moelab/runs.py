@@ -1,5 +1,5 @@
-"""A run's record: `metrics.json` (strict JSON: final metrics, `status`, `reason`, `step`) and
-the ways a run can end. Light on purpose (no torch): the sweep summary imports it."""
+"""A run's record: `metrics.json` (strict JSON: final metrics, `status`, `reason`, `step`), and
+the Diverged ending. Light on purpose (no torch): the sweep summary imports it."""
 
 from __future__ import annotations
 
@@ -23,14 +23,6 @@ class Diverged(RuntimeError):
     def __init__(self, step: int, what: str) -> None:
         super().__init__(f"training diverged at step {step}: {what}")
         self.step, self.what = step, what
-
-
-class Interrupted(RuntimeError):
-    """A run stopped early by a signal (SIGINT, SIGTERM) after saving where it stood."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def finite_or_none(value: Any) -> float | None:

@@ -40,16 +40,19 @@ if logging.getLogger().hasHandlers():
     logging.getLogger("lightning").handlers.clear()
 
 # Errors that mean "the configuration is wrong": reported in one line, never as a traceback.
-USER_ERRORS = (ConfigError, MisconfigurationException, FileNotFoundError)
+# (Not FileNotFoundError: moelab reports a missing input as a ConfigError naming the fix; any
+# other missing file is a fault to show in full.)
+USER_ERRORS = (ConfigError, MisconfigurationException)
 DEBUG_ENV = "MOELAB_DEBUG"
 
 
 def _user_error(exc: BaseException) -> BaseException | None:
-    """The first configuration error in an exception's cause chain (Hydra wraps them)."""
+    """The first configuration error in an exception's `raise … from` chain (Hydra wraps them
+    so); not its `__context__`, which a bug raised while handling a user error would have."""
     while exc is not None:
         if isinstance(exc, USER_ERRORS):
             return exc
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__
     return None
 
 
@@ -92,8 +95,11 @@ def check_config(cfg: DictConfig) -> None:
     _int_setting(cfg, "ep", minimum=1)
     strategy = cfg.trainer.get("strategy")
     target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
-    if cfg.ep != 1 and not target.endswith("FSDPExpertParallelStrategy"):
+    sharded = target.endswith("FSDPExpertParallelStrategy")
+    if cfg.ep != 1 and not sharded:
         raise ConfigError(f"ep={cfg.ep} needs an expert-parallel trainer: add trainer=fsdp_ep")
+    if sharded and cfg.trainer.get("gradient_clip_algorithm") == "value":
+        raise ConfigError("trainer=fsdp/fsdp_ep clip gradients by norm only: set trainer.gradient_clip_algorithm=norm")
 
 
 def relaunch_as_single_run() -> None:
@@ -152,12 +158,12 @@ class _Run:
     def step(self) -> int | None:
         return None if self.trainer is None else self.trainer.global_step
 
-    def last_good_checkpoint(self) -> str:
+    def newest_checkpoint(self) -> tuple[str, str] | None:
+        """(path, what it is) of the newest resumable state: what this run saved, else what
+        it resumed from."""
         if self.last is not None and self.last.last_path is not None:
-            return f"last good checkpoint: {self.last.last_path} (step {self.last.saved_step})"
-        if self.ckpt_path:
-            return f"last good checkpoint: {self.ckpt_path} (where this run resumed from)"
-        return "no checkpoint was written before it"
+            return str(self.last.last_path), f"step {self.last.saved_step}"
+        return (self.ckpt_path, "where this run resumed from") if self.ckpt_path else None
 
 
 @rank_zero_only
@@ -224,21 +230,24 @@ def _stopping_signal(exc: BaseException, run_state: _Run) -> int | None:
 def _report(exc: BaseException, run_state: _Run) -> None:
     signum = _stopping_signal(exc, run_state)
     if signum is not None:
-        where = f"at step {run_state.step()}" if run_state.trainer is not None else "before training"
-        saved = run_state.last.last_path if run_state.last is not None else None
-        if saved is not None:
-            then = f"saved {saved}: resume with the same command plus ckpt_path={saved}"
+        trainer = run_state.trainer
+        where = f"at step {trainer.global_step}" if trainer is not None else "before training"
+        newest = run_state.newest_checkpoint()
+        if newest is not None:
+            then = f"newest checkpoint {newest[0]} ({newest[1]}): resume with the same command plus ckpt_path={newest[0]}"
         else:
             then = "no checkpoint was written"
-        received = run_state.last is None or run_state.last.signal is not None or not isinstance(exc, SIGTERMException)
-        by = signal.Signals(signum).name if received else "a signal to another rank"
+        elsewhere = trainer is not None and trainer.world_size > 1 and run_state.last is not None and run_state.last.signal is None
+        by = "a signal to another rank" if elsewhere else signal.Signals(signum).name
         reason = f"stopped by {by} {where}; {then}"
         _write_record(run_state, INTERRUPTED, reason)
         raise RunEnded(128 + int(signum), _say(f"moelab: {reason}")) from None
     if isinstance(exc, SystemExit):
         raise exc  # not ours to reinterpret
     if isinstance(exc, Diverged):
-        status, reason = DIVERGED, f"{exc}; {run_state.last_good_checkpoint()}"
+        newest = run_state.newest_checkpoint()
+        good = f"last good checkpoint: {newest[0]} ({newest[1]})" if newest else "no checkpoint was written before it"
+        status, reason = DIVERGED, f"{exc}; {good}"
         if run_state.lr is not None and "input batch" not in exc.what:
             reason += f"; try a lower task.lr (here {run_state.lr:g}) or more task.warmup_steps"
     elif (user_error := _user_error(exc)) is not None:
@@ -331,6 +340,8 @@ def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
         run_state.ckpt_path = ckpt_path
     # weights_only=True always, URLs included (Lightning would unpickle those in full).
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    if run_state.last is not None and run_state.last.signal is not None:
+        raise SIGTERMException()  # a signal during the last validation: saved at the end, no test
     metrics = run_state.metrics()
     if cfg.get("test"):
         for result in trainer.test(task, datamodule=datamodule, verbose=False):

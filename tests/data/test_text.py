@@ -167,7 +167,7 @@ def test_broken_token_files_are_one_line_errors(tmp_path, damage, message):
 
 def test_missing_token_file_names_the_prepare_command(tmp_path):
     module = TokenFileDataModule(str(tmp_path / "nowhere"), seq_len=8)
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(ConfigError) as info:
         module.setup()
     message = str(info.value)
     assert "\n" not in message and "train.bin not found" in message

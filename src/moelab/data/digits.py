@@ -66,7 +66,11 @@ class DigitsDataModule(ResumableDataModule):
         return self.training_loader(self.splits["train"], sampler, self.hparams.batch_size, self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return evaluation_loader(self.splits["val"], self.hparams.batch_size, self.hparams.num_workers, self.hparams.seed)
+        return self._evaluation_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return evaluation_loader(self.splits["test"], self.hparams.batch_size, self.hparams.num_workers, self.hparams.seed)
+        return self._evaluation_loader("test")
+
+    def _evaluation_loader(self, split: str) -> DataLoader:
+        hp = self.hparams
+        return evaluation_loader(self.splits[split], hp.batch_size, hp.num_workers, hp.seed, self.trainer)

@@ -12,10 +12,14 @@ makes the next training sampler skip what was already trained on.
 
 from __future__ import annotations
 
+import os
+import signal
+from functools import partial
 from typing import Iterator
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
@@ -156,24 +160,47 @@ class ResumableDataModule(L.LightningDataModule):
             epoch, batches_done = self._resume_position
             sampler.resume(epoch, batches_done * batch_size)
             self._resume_position = None
-        return DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-            drop_last=drop_last, generator=sampler.generator,
+        return TrainingLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+            generator=sampler.generator, worker_init_fn=partial(init_worker, rank=sampler.rank),
         )
 
 
-def evaluation_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int = 0) -> DataLoader:
+class TrainingLoader(DataLoader):
+    """The training DataLoader, resumable mid-epoch. Its position is kept by the datamodule
+    (`ResumableDataModule`), restored before any loader is iterated; these two methods let
+    Lightning see that the loader resumes (it warns about loaders that do not)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+def init_worker(worker_id: int, rank: int = 0) -> None:
+    """Loader workers ignore SIGINT and SIGTERM: Ctrl+C or a scheduler's SIGTERM reaches the
+    whole process group, and a worker that died of it would break the clean stop of the main
+    process (which shuts its workers down itself). Then Lightning's worker seeding, if on."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        pl_worker_init_function(worker_id, rank)
+
+
+def evaluation_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, trainer: L.Trainer | None) -> DataLoader:
     """A sequential DataLoader that never draws from the global RNG (its worker seeds come
-    from its own generator), so evaluating does not shift the training run's random streams."""
+    from its own generator), so evaluating does not shift the training run's random streams.
+    Lightning splits it over the ranks."""
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), worker_init_fn=partial(init_worker, rank=world_of(trainer)[1]),
     )
 
 
-def check_loader_args(batch_size: object, num_workers: object, prefix: str = "data") -> None:
+def check_loader_args(batch_size: object, num_workers: object, batch_size_key: str = "data.batch_size") -> None:
     """One-line errors for batch sizes and worker counts a DataLoader would reject deep inside."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ConfigError(f"{prefix}.batch_size={batch_size} must be a positive integer")
+        raise ConfigError(f"{batch_size_key}={batch_size} must be a positive integer")
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
-        raise ConfigError(f"{prefix}.num_workers={num_workers} must be an integer >= 0 (0: load in the main process)")
+        raise ConfigError(f"data.num_workers={num_workers} must be an integer >= 0 (0: load in the main process)")

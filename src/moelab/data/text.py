@@ -72,7 +72,7 @@ class TextDataModule(ResumableDataModule):
         super().__init__()
         check_loader_args(batch_size, num_workers)
         if eval_batch_size is not None:
-            check_loader_args(eval_batch_size, num_workers)
+            check_loader_args(eval_batch_size, num_workers, "data.eval_batch_size")
         if seq_len < 1 or train_steps_per_epoch < 1:
             raise ConfigError(
                 f"data.seq_len={seq_len} and data.train_steps_per_epoch={train_steps_per_epoch} must both be >= 1"
@@ -117,10 +117,10 @@ class TextDataModule(ResumableDataModule):
         return self.training_loader(windows, sampler, self.batch_size, self.num_workers, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return evaluation_loader(self._eval_windows("val"), self.eval_batch_size, self.num_workers, self.seed)
+        return evaluation_loader(self._eval_windows("val"), self.eval_batch_size, self.num_workers, self.seed, self.trainer)
 
     def test_dataloader(self) -> DataLoader:
-        return evaluation_loader(self._eval_windows("test"), self.eval_batch_size, self.num_workers, self.seed)
+        return evaluation_loader(self._eval_windows("test"), self.eval_batch_size, self.num_workers, self.seed, self.trainer)
 
 
 def split_of(name: str, val_fraction: float, test_fraction: float, seed: int = 0) -> str:
@@ -156,7 +156,7 @@ def load_stdlib_bytes(
     root_path = Path(root)
     files = stdlib_sources(root_path, include_tests)
     if not files:
-        raise FileNotFoundError(f"no .py files under {root}: set data.root to a Python standard library folder")
+        raise ConfigError(f"no .py files under {root}: set data.root to a Python standard library folder")
     names = [p.relative_to(root_path).as_posix() for p in files]
     order = sorted(range(len(files)), key=lambda i: hashlib.sha256(f"{split_seed}:order:{names[i]}".encode()).digest())
     budget = {"train": 1 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
@@ -259,7 +259,7 @@ class TokenFileDataModule(TextDataModule):
     def load_splits(self) -> dict[str, np.ndarray]:
         for split in SPLITS:
             if not (self.path / f"{split}.bin").exists():
-                raise FileNotFoundError(
+                raise ConfigError(
                     f"{self.path / f'{split}.bin'} not found: write the token files with `{_prepare_hint(self.path)}`"
                 )
         self._read_meta()

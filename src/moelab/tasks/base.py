@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from moelab.moe.errors import ConfigError
 from moelab.moe.layer import after_optimizer_step, collect_aux_losses, moe_layers
 from moelab.parallel.fsdp_ep import clip_grads_, parallelize, sharded_grad_norm
 from moelab.runs import Diverged
@@ -64,17 +65,19 @@ class MoETask(L.LightningModule):
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) + poison.to(params[0].device if params else "cpu")
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            checked = poison  # fp16 loss scaling skips steps with non-finite gradients by itself
+            # fp16 loss scaling skips steps with non-finite gradients by itself: only the loss
+            # counts, and it is this rank's own, so ranks agree on it (one more all-reduce).
+            finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(poison)), all=True)
         else:
-            checked = grad_norm
-        if not bool(torch.isfinite(checked)):
+            finite = bool(torch.isfinite(grad_norm))
+        if not finite:
             raise Diverged(self.trainer.global_step, self._divergence_report(loss, grad_norm))
         self.log("train/grad_norm", grad_norm)
         if not gradient_clip_val:
             return
         if gradient_clip_algorithm == "value":
             if self.device_mesh is not None:
-                raise ValueError("sharded MoE runs clip by norm only: set trainer.gradient_clip_algorithm=norm")
+                raise ConfigError("sharded MoE runs clip by norm only: set trainer.gradient_clip_algorithm=norm")
             return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         clip_grads_(params, gradient_clip_val, grad_norm)
 
@@ -82,7 +85,10 @@ class MoETask(L.LightningModule):
         what = f"loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g}"
         if self._step_batch is None:
             return what
-        culprit = first_nonfinite(self, self._step_batch)
+        try:
+            culprit = first_nonfinite(self, self._step_batch)
+        except Exception as exc:  # noqa: BLE001 - the divergence is the news, not the diagnosis
+            culprit = f"(the diagnosis failed: {type(exc).__name__})"
         return f"{what}; {culprit}"
 
     def optimizer_step(self, *args, **kwargs) -> None:
@@ -115,8 +121,7 @@ def first_nonfinite(task: L.LightningModule, batch: Any) -> str:
     """Where the forward pass on `batch` first produced a non-finite value: the input, the
     innermost module whose output did (forward hooks fire on a module's exit, so children
     report before their parents), or an auxiliary loss; else the backward pass."""
-    if _nonfinite(batch[0]):
-        return "the input batch holds non-finite values"
+    bad_input = _nonfinite(batch[0])  # still run the forward pass: sharded ranks run it together
     routers = {id(layer.router): layer for layer in moe_layers(task)}
     names = {id(module): name for name, module in task.named_modules()}
     found: list[nn.Module] = []
@@ -131,6 +136,8 @@ def first_nonfinite(task: L.LightningModule, batch: Any) -> str:
     finally:
         for handle in handles:
             handle.remove()
+    if bad_input:
+        return "the input batch holds non-finite values"
     if found:
         module = found[0]
         layer = routers.get(id(module))
