@@ -84,6 +84,7 @@ def test_bad_config_is_one_line_without_traceback(tmp_path):
         ("ep=0", "ep=0 must be >= 1"),
         ("loss.balance=-1", "loss.balance=-1 is negative, which rewards what the balance loss penalises"),
         ("loss.zloss=abc", "loss.zloss=abc must be a number"),
+        ("trainer=fsdp +trainer.gradient_clip_algorithm=value", "trainer=fsdp/fsdp_ep clip gradients by norm only"),
     ],
 )
 def test_bad_config_messages(tmp_path, override, message):
