@@ -132,8 +132,9 @@ def write_summary(sweep_dir: Path, metrics: Sequence[str] | None = None) -> tupl
 
 class SweepSummary(Callback):
     """Hydra callback: at the end of a multirun, `summary.csv` and `summary.md` (one row per job:
-    overrides → final metrics from each job's `metrics.json`) in the sweep folder, and the table
-    printed. `metrics`: the columns to show (default: every metric any job logged)."""
+    overrides → status and final metrics from each job's `metrics.json`) in the sweep folder,
+    and the table printed; then exit 1 if any job did not end ok. `metrics`: the columns to
+    show (default: every metric any job logged)."""
 
     def __init__(self, metrics: Sequence[str] | None = None) -> None:
         self.metrics = list(metrics) if metrics else None

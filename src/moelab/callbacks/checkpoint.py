@@ -21,22 +21,29 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from moelab.moe.experts import local_part
+from moelab.parallel.fsdp_ep import is_distributed
 from moelab.runs import Diverged
 
 log = logging.getLogger(__name__)
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's global random streams as tensors and plain Python values (loadable
-    with `torch.load(weights_only=True)`): torch CPU and CUDA, NumPy, Python's `random`."""
-    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": (torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gauss)),
-        "python": random.getstate(),
-    }
+def _capture_rng() -> dict[str, Any]:
+    """This process's global random streams, as the libraries return them (cheap: taken at
+    every training batch, converted only when a checkpoint is written)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def rng_state(captured: dict[str, Any] | None = None) -> dict[str, Any]:
+    """This process's global random streams (or `captured` ones) as tensors and plain Python
+    values, loadable with `torch.load(weights_only=True)`: torch CPU and CUDA, NumPy, Python's
+    `random`."""
+    state = dict(captured if captured is not None else _capture_rng())
+    _, keys, position, has_gauss, cached_gauss = state["numpy"]
+    state["numpy"] = (torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gauss))
     return state
 
 
@@ -51,13 +58,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _distributed(trainer: L.Trainer) -> bool:
-    return trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+    return trainer.world_size > 1 and is_distributed()
 
 
 def parameters_finite(module: torch.nn.Module) -> bool:
     """Whether every parameter (this rank's shards) is finite; one host sync."""
-    locals_ = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
-    locals_ = [p.detach() for p in locals_ if p.numel()]
+    locals_ = [local_part(p).detach() for p in module.parameters()]
+    locals_ = [p for p in locals_ if p.numel()]
     if not locals_:
         return True
     norms = torch.stack([norm.float() for norm in torch._foreach_norm(locals_)])
@@ -105,8 +112,8 @@ class LastCheckpoint(Checkpoint):
     def state_dict(self) -> dict[str, Any]:
         """Every rank's random streams (a collective under several ranks: called by every
         rank whenever any checkpoint is dumped)."""
-        mine = self._rng_at_batch_start if self._rewind else rng_state()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        mine = rng_state(self._rng_at_batch_start if self._rewind else None)
+        if is_distributed() and dist.get_world_size() > 1:
             states: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(states, mine)
         else:
@@ -115,7 +122,7 @@ class LastCheckpoint(Checkpoint):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         states = state_dict.get("rng") or []
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        world = dist.get_world_size() if is_distributed() else 1
         rank = dist.get_rank() if world > 1 else 0
         if len(states) != world:
             rank_zero_warn(
@@ -156,7 +163,7 @@ class LastCheckpoint(Checkpoint):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._in_batch, self._batch_idx, self._updating = True, batch_idx, False
         self._step_at_batch_start = trainer.global_step
-        self._rng_at_batch_start = rng_state()
+        self._rng_at_batch_start = _capture_rng()
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         self._updating = True  # from here until the batch ends the weights may be half-updated
@@ -212,7 +219,7 @@ class LastCheckpoint(Checkpoint):
         # An exception inside a training batch before its optimizer step: the weights are
         # still those of the last completed step, so save them with the random streams of
         # that moment (the data position is Lightning's count of completed batches).
-        self._rewind = self._in_batch and trainer.global_step == self._step_at_batch_start
+        self._rewind = self._before_step(trainer)
         try:
             self._save(trainer, pl_module)
         except Exception as save_error:  # noqa: BLE001 - never hide the exception that stopped the run
@@ -224,13 +231,17 @@ class LastCheckpoint(Checkpoint):
             log.error("moelab: saved %s (step %d) after %s: resume with the same command plus ckpt_path=%s",
                       self.last_path, self.saved_step, type(exception).__name__, self.last_path)
 
+    def _before_step(self, trainer: L.Trainer) -> bool:
+        """Inside a training batch whose optimizer step has not been counted yet."""
+        return self._in_batch and trainer.global_step == self._step_at_batch_start
+
     def _unsaveable(self, trainer: L.Trainer, exception: BaseException) -> str | None:
         """Why the state at an exception cannot be saved as a resumable step, or None."""
         if _distributed(trainer) and not isinstance(exception, SIGTERMException):
             return "other ranks may be blocked in a collective"
         if trainer.validating:
             return "it came during validation, whose partial results no checkpoint holds"
-        before_step = self._in_batch and trainer.global_step == self._step_at_batch_start
+        before_step = self._before_step(trainer)
         if before_step and self._updating:
             return "it came during an optimizer step (the weights may be half-updated)"
         if before_step and self._batch_idx % trainer.accumulate_grad_batches:

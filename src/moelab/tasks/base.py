@@ -63,7 +63,8 @@ class MoETask(L.LightningModule):
         if self.device_mesh is not None:
             grad_norm = sharded_grad_norm(params, poison)
         else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) + poison.to(params[0].device if params else "cpu")
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            grad_norm = grad_norm + poison.to(grad_norm.device)
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             # fp16 loss scaling skips steps with non-finite gradients by itself: only the loss
             # counts, and it is this rank's own, so ranks agree on it (one more all-reduce).
