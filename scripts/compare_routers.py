@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Router-specific overrides needed on images (hash needs positions, not token ids).
-EXTRA = {"hash": ["router.key=position"]}
 
 
 def main(overrides: list[str]) -> None:
@@ -25,7 +23,7 @@ def main(overrides: list[str]) -> None:
     rows = []
     for router in routers:
         run_dir = ROOT / "outputs" / "compare_routers" / stamp / router
-        args = [sys.executable, "train.py", f"router={router}", f"hydra.run.dir={run_dir}", *EXTRA.get(router, []), *overrides]
+        args = [sys.executable, "train.py", f"router={router}", f"hydra.run.dir={run_dir}", *overrides]
         start = time.perf_counter()
         result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
         seconds = time.perf_counter() - start

@@ -83,7 +83,7 @@ def test_the_checkpoint_carries_the_run_config_and_loads_weights_only(trained):
     info = inspect_checkpoint(str(trained))
     assert info.config["experts"] == 8 and info.config["expert"]["activation"] == "gelu"
     assert not info.sharded and info.resumable
-    assert info.shapes["model.vit.blocks.1.mlp.experts.w1_EDF"] == (8, 64, 128)
+    assert info.shapes["model.vit.blocks.1.mlp.experts.w1_EDF"] == (8, 64, 64)  # top-2 experts of 128/2 units
 
 
 def test_a_matching_checkpoint_passes(tmp_path, trained):

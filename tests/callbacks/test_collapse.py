@@ -89,7 +89,8 @@ def test_alarm_reads_the_plan_of_every_router_kind():
 
     trainer = SimpleNamespace(global_step=1, log_every_n_steps=1, is_global_zero=True, loggers=[])
     for path in sorted((CONF / "router").glob("*.yaml")):
-        layer = MoELayer(16, 32, instantiate(OmegaConf.load(path)), partial(GroupedExperts, num_experts=4), layer_index=0)
+        layer = MoELayer(16, 32, instantiate(OmegaConf.load(path)), partial(GroupedExperts, num_experts=4), layer_index=0,
+                         router_facts={"vocab_size": 100})
         layer(torch.randn(2, 8, 16), token_ids=torch.randint(0, 100, (2, 8)))
         alarm = ExpertCollapseAlarm(patience=1)
         alarm.on_train_batch_end(trainer, torch.nn.Sequential(layer), None, None, 0)

@@ -105,7 +105,7 @@ def test_statistics_exist_for_every_router_kind():
 
     for path in sorted((CONF / "router").glob("*.yaml")):
         router = instantiate(OmegaConf.load(path))
-        layer = MoELayer(16, 32, router, partial(GroupedExperts, num_experts=4))
+        layer = MoELayer(16, 32, router, partial(GroupedExperts, num_experts=4), router_facts={"vocab_size": 100})
         layer(torch.randn(2, 8, 16), token_ids=torch.randint(0, 100, (2, 8)))
         scalars = utilisation_scalars(layer.last_plan)
         assert all(value == value for value in scalars.values()), path.stem  # no NaN

@@ -23,7 +23,7 @@ VOCAB = 256
 def tiny_lm(router=None, expert=None, **kwargs) -> MoELM:
     router = router or functools.partial(TopKRouter, num_experts=4, k=2)
     expert = expert or functools.partial(GroupedExperts, num_experts=4, activation="swiglu")
-    options = dict(vocab_size=VOCAB, d_model=32, depth=2, num_heads=2, ffn_hidden=64, experts_per_token=2, moe_every=1)
+    options = dict(vocab_size=VOCAB, d_model=32, depth=2, num_heads=2, ffn_hidden=64, moe_every=1)
     options.update(kwargs)
     return MoELM(router, expert, {"balance": 0.01}, **options)
 

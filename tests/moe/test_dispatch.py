@@ -155,7 +155,8 @@ def test_shared_experts_are_added_to_every_token():
 
     from moelab.moe import MoELayer
 
-    layer = MoELayer(8, 16, partial(TopKRouter, k=1, normalize=False), partial(GroupedExperts, num_experts=4, num_shared=2))
+    layer = MoELayer(8, 16, partial(TopKRouter, k=3, normalize=False), partial(GroupedExperts, num_experts=4, num_shared=2))
+    assert layer.router.k == 1  # DeepSeekMoE: k counts the shared experts too
     x = torch.randn(5, 8)
     routed, _ = reference_moe(layer.router, layer.experts, x)
     assert layer.shared_experts.w1_DH.shape == (8, 2 * 16)

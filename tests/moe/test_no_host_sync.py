@@ -25,12 +25,13 @@ from moelab.moe import (
 ROUTERS = {
     "topk": partial(TopKRouter, k=2),
     "topk_capacity_priority": partial(TopKRouter, k=2, capacity_factor=1.0, batch_priority=True),
+    "topk_fine_shared": partial(TopKRouter, k=2),  # DeepSeekMoE: granularity 2, one shared expert
     "switch": partial(TopKRouter, k=1, normalize=False, capacity_factor=1.25),
     "gshard": GShardRouter,
     "noisy_topk": NoisyTopKRouter,
     "cosine": CosineRouter,
     "aux_free": AuxFreeRouter,
-    "hash": partial(HashRouter, key="position"),
+    "hash": partial(HashRouter, key="position", num_keys=8),
     "dense": DenseRouter,
     "expert_choice": ExpertChoiceRouter,
     "soft": SoftMoERouter,
@@ -39,7 +40,8 @@ ROUTERS = {
 
 @pytest.mark.parametrize("name", sorted(ROUTERS))
 def test_layer_compiles_to_one_graph(name):
-    layer = MoELayer(16, 32, ROUTERS[name], partial(GroupedExperts, num_experts=4, num_shared=1), {"zloss": 1e-3})
+    fine_shared = {"granularity": 2, "num_shared": 1} if name == "topk_fine_shared" else {}
+    layer = MoELayer(16, 32, ROUTERS[name], partial(GroupedExperts, num_experts=4, **fine_shared), {"zloss": 1e-3})
     x = torch.randn(2, 8, 16, requires_grad=True)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     try:

@@ -18,7 +18,7 @@ from moelab.moe import GroupedExperts, MoELayer
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 ROUTERS = sorted(p.stem for p in (CONF / "router").glob("*.yaml"))
-D, EXPERTS, B, L = 16, 4, 8, 6  # B sequences of L tokens in the global batch
+D, EXPERTS, B, L, VOCAB = 16, 4, 8, 6, 50  # B sequences of L tokens (ids < VOCAB) in the global batch
 LOSSES = {"balance": 0.01, "zloss": 0.001}
 
 
@@ -27,9 +27,13 @@ class TinyMoE(nn.Module):
 
     def __init__(self, router: str) -> None:
         super().__init__()
-        router_factory = instantiate(OmegaConf.load(CONF / "router" / f"{router}.yaml"))
+        config = OmegaConf.load(CONF / "router" / f"{router}.yaml")
+        # A shared expert beside routers without k; with a k it would take one of the k
+        # routed slots (DeepSeekMoE), leaving top-1 for routers that need k >= 2.
+        shared = 0 if "k" in config else 1
         self.proj = nn.Linear(D, D)
-        self.moe = MoELayer(D, 32, router_factory, partial(GroupedExperts, num_experts=EXPERTS, num_shared=1), LOSSES)
+        experts = partial(GroupedExperts, num_experts=EXPERTS, num_shared=shared)
+        self.moe = MoELayer(D, 32, instantiate(config), experts, LOSSES, router_facts={"vocab_size": VOCAB})
 
     def forward(self, x_BLD: torch.Tensor, ids_BL: torch.Tensor) -> torch.Tensor:
         return self.moe(self.proj(x_BLD), token_ids=ids_BL)
@@ -47,7 +51,7 @@ def forward_loss(model: TinyMoE, x_BLD: torch.Tensor, ids_BL: torch.Tensor, nois
 
 def global_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(B, L, D, generator=generator), torch.randint(0, 50, (B, L), generator=generator)
+    return torch.randn(B, L, D, generator=generator), torch.randint(0, VOCAB, (B, L), generator=generator)
 
 
 def reference(router: str, world: int) -> tuple[float, dict[str, torch.Tensor]]:

@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.models.placement import moe_layer_indices
+from moelab.models.placement import expert_width, moe_layer_indices
 from moelab.moe.errors import ConfigError
 from moelab.moe.experts import DenseFFN
 from moelab.moe.layer import MoELayer, active_parameters
+
+INIT_STD = 0.02
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich 2019, eq. 4): y = x / RMS(x) · g,
@@ -95,10 +98,16 @@ class MoELM(nn.Module):
     """Decoder-only transformer LM whose FFN in blocks `moe_layer_indices(depth, moe_every, moe_layers)`
     is a MoELayer (any router, expert and auxiliary loss of `moelab.moe`).
 
-    Active FLOPs are matched between dense and MoE blocks: a dense FFN has `ffn_hidden`
-    units; each expert has `expert_hidden` (default `ffn_hidden // experts_per_token`),
-    so top-k routing over experts of ffn_hidden/k units costs what the dense FFN costs,
-    and `moe_every=0` is the dense baseline with the same active FLOPs.
+    A dense FFN has `ffn_hidden` units. `expert_hidden` sets each expert's width (see
+    `moelab.models.expert_width`): "match" (default) sizes experts so a token's active
+    expert units equal `ffn_hidden` (top-k: ffn_hidden / k each), so `moe_every=0` is the
+    dense baseline with the same active FLOPs; "dense" makes every expert ffn_hidden wide;
+    an integer sets it outright. Routers that hash token ids get `vocab_size`.
+
+    Initialisation is GPT-2's (Radford et al. 2019): N(0, 0.02²) for embeddings and input
+    projections, and N(0, (0.02 / sqrt(2·depth))²) for the projections that write into the
+    residual stream (attention output, FFN W2). MoE layers start like the dense FFN they
+    replace (MoELayer.reset_parameters).
 
     Every MoE layer must be causal-safe (a token's routing may depend only on that
     token); otherwise construction raises ConfigError.
@@ -115,8 +124,7 @@ class MoELM(nn.Module):
         num_heads: int = 4,
         ffn_hidden: int = 768,
         ffn_activation: str = "swiglu",
-        experts_per_token: int = 1,
-        expert_hidden: int | None = None,
+        expert_hidden: int | str = "match",
         moe_every: int = 2,
         moe_layers: Sequence[int] | None = None,
         tie_embeddings: bool = True,
@@ -126,18 +134,23 @@ class MoELM(nn.Module):
         super().__init__()
         if vocab_size < 2:
             raise ConfigError(f"model.vocab_size={vocab_size} must be >= 2: set it from the data (data.vocab_size)")
-        if experts_per_token < 1:
-            raise ConfigError(f"model.experts_per_token={experts_per_token} must be >= 1")
-        if expert_hidden is None:
-            expert_hidden = max(8, ffn_hidden // experts_per_token)
+        width, match = expert_width(expert_hidden, ffn_hidden)
         self.vocab_size, self.d_model, self.depth = vocab_size, d_model, depth
+        self.ffn_hidden = ffn_hidden
         self.moe_indices = moe_layer_indices(depth, moe_every, moe_layers)
         self.embed = nn.Embedding(vocab_size, d_model)
         blocks = []
         for i in range(depth):
             if i in self.moe_indices:
                 ffn = MoELayer(
-                    d_model, expert_hidden, router=router, experts=expert, aux_loss_weights=aux_loss_weights, layer_index=i
+                    d_model,
+                    width,
+                    router=router,
+                    experts=expert,
+                    aux_loss_weights=aux_loss_weights,
+                    layer_index=i,
+                    match_dense_flops=match,
+                    router_facts={"vocab_size": vocab_size},
                 )
             else:
                 ffn = DenseFFN(d_model, ffn_hidden, ffn_activation)
@@ -151,13 +164,18 @@ class MoELM(nn.Module):
         self._check_causal_safety()
 
     def _init_weights(self) -> None:
-        # GPT-2 style for embeddings and attention: N(0, 0.02), output projections scaled by
-        # 1/sqrt(2·depth) (Radford et al. 2019); FFNs and experts keep their fan-in init.
-        nn.init.normal_(self.embed.weight, std=0.02)
-        nn.init.normal_(self.head.weight, std=0.02)
+        # GPT-2 (Radford et al. 2019): N(0, 0.02²), and residual-stream output projections
+        # scaled by 1/sqrt(2·depth) (two per block: attention and FFN).
+        out_std = INIT_STD / math.sqrt(2 * self.depth)
+        nn.init.normal_(self.embed.weight, std=INIT_STD)
+        nn.init.normal_(self.head.weight, std=INIT_STD)
         for block in self.blocks:
-            nn.init.normal_(block.attn.qkv.weight, std=0.02)
-            nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * self.depth))
+            nn.init.normal_(block.attn.qkv.weight, std=INIT_STD)
+            nn.init.normal_(block.attn.proj.weight, std=out_std)
+            if isinstance(block.ffn, MoELayer):
+                block.ffn.reset_parameters(in_std=INIT_STD, out_std=out_std, dense_hidden=self.ffn_hidden)
+            else:
+                block.ffn.reset_parameters(in_std=INIT_STD, out_std=out_std)
 
     def _check_causal_safety(self) -> None:
         for block in self.blocks:

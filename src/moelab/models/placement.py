@@ -1,4 +1,4 @@
-"""Which blocks of a model get a MoE feed-forward layer."""
+"""Which blocks of a model get a MoE feed-forward layer, and how wide its experts are."""
 
 from __future__ import annotations
 
@@ -28,3 +28,26 @@ def moe_layer_indices(depth: int, moe_every: int = 2, moe_layers: Sequence[int] 
     if moe_every == 0:
         return []
     return [i for i in range(depth) if (i + 1) % moe_every == 0]
+
+
+EXPERT_WIDTHS = ("match", "dense")
+
+
+def expert_width(expert_hidden: int | str, dense_hidden: int) -> tuple[int, bool]:
+    """(hidden, match_dense_flops) for MoELayer from a model's `expert_hidden` setting.
+
+    "match": experts sized so a token's active expert units equal the dense FFN's width
+    (equal active FLOPs with the dense twin, whatever the router's k). "dense": each expert
+    as wide as the dense FFN (V-MoE, Switch: top-k costs k dense FFNs). An integer: that
+    width per expert.
+    """
+    if expert_hidden == "match":
+        return dense_hidden, True
+    if expert_hidden == "dense":
+        return dense_hidden, False
+    if isinstance(expert_hidden, bool) or not isinstance(expert_hidden, int) or expert_hidden < 8:
+        raise ConfigError(
+            f"model.expert_hidden={expert_hidden!r}: use match (equal active FLOPs with the dense model), "
+            "dense (each expert as wide as the dense FFN) or a width >= 8"
+        )
+    return expert_hidden, False

@@ -7,16 +7,27 @@ from typing import Callable, Mapping, Sequence
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from moelab.models.placement import moe_layer_indices
+from moelab.models.placement import expert_width, moe_layer_indices
 from moelab.moe.errors import ConfigError
 from moelab.moe.layer import MoELayer
+
+
+# timm's VisionTransformer draws its Linear weights from a truncated normal of std 0.02.
+TIMM_INIT_STD = 0.02
 
 
 class MoEViT(nn.Module):
     """timm's `VisionTransformer` whose MLP in blocks `moe_layer_indices(...)` is a MoELayer.
 
-    The MoE layer replaces the block's MLP with the same width (`hidden = dim · mlp_ratio`
-    per expert), so with top-k routing each token uses k times the dense MLP's FLOPs.
+    `expert_hidden` sets each expert's width (see `moelab.models.expert_width`):
+    "match" (default) sizes experts so a token's active expert units equal the dense MLP's
+    H = embed_dim · mlp_ratio (top-k: H / k each), so `model.moe_every=0` is the dense twin
+    with the same active FLOPs; "dense" gives every expert the dense MLP's width (V-MoE's
+    convention: top-k costs k times the dense MLP); an integer sets it outright.
+
+    Experts start like timm's MLP: N(0, 0.02²) input weights, output weights scaled so
+    the MoE output has the dense MLP's RMS (MoELayer.reset_parameters). Routers that hash
+    positions get `num_positions` (patches, plus the class token if any).
     """
 
     def __init__(
@@ -36,6 +47,7 @@ class MoEViT(nn.Module):
         moe_layers: Sequence[int] | None = None,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
+        expert_hidden: int | str = "match",
     ) -> None:
         super().__init__()
         self.vit = VisionTransformer(
@@ -55,15 +67,20 @@ class MoEViT(nn.Module):
         self.num_patches = self.vit.patch_embed.num_patches
         self.moe_indices = moe_layer_indices(depth, moe_every, moe_layers)
         hidden = int(embed_dim * mlp_ratio)
+        width, match = expert_width(expert_hidden, hidden)
         for i in self.moe_indices:
-            self.vit.blocks[i].mlp = MoELayer(
+            layer = MoELayer(
                 d_model=embed_dim,
-                hidden=hidden,
+                hidden=width,
                 router=router,
                 experts=expert,
                 aux_loss_weights=aux_loss_weights,
                 layer_index=i,
+                match_dense_flops=match,
+                router_facts={"num_positions": self.num_patches + self.vit.num_prefix_tokens},
             )
+            layer.reset_parameters(in_std=TIMM_INIT_STD, out_std=TIMM_INIT_STD, dense_hidden=hidden)
+            self.vit.blocks[i].mlp = layer
             if getattr(self.vit.blocks[i].mlp.router, "needs_token_ids", False):
                 raise ConfigError("images have no token ids: use router=hash with router.key=position on the ViT")
 

@@ -35,10 +35,11 @@ class GroupedExperts(nn.Module):
     swiglu: f_e(x) = W2_e · (SiLU(W1_e x) ⊙ W3_e x); geglu: GELU in place of SiLU (Shazeer 2020).
 
     `granularity` m (DeepSeekMoE, Dai et al. 2024) splits each of the `num_experts`
-    experts into m experts of hidden size `hidden / m`: E·m experts in all, and the
-    layer routes each token to k·m of them, keeping active parameters equal.
-    `num_shared` adds that many always-on experts of the same (fine) size, applied to
+    experts into m experts of hidden size `hidden / m`: E·m experts in all.
+    `num_shared` s adds that many always-on experts of the same (fine) size, applied to
     every token and added to the routed output: y = Σ_shared f_s(x) + Σ_{i∈TopK} g_i f_i(x).
+    MoELayer routes each token to k·m − s fine experts, so k·m are active in all: the
+    active parameters of k coarse experts.
     `dropout` acts on the hidden activations.
 
     Input rows arrive grouped by expert with `group_sizes_E` rows for expert e.
@@ -81,12 +82,15 @@ class GroupedExperts(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        # Each expert is initialised like a dense layer of its own fan-in.
+    @torch.no_grad()
+    def reset_parameters(self, in_std: float | None = None, out_std: float | None = None) -> None:
+        """W1 (and W3) ~ N(0, in_std²), W2 ~ N(0, out_std²); by default each expert's own
+        fan-in, d^-1/2 and f^-1/2. MoELayer.reset_parameters sets them so the layer starts
+        like the dense FFN it replaces."""
         for w in (self.w1_EDF, self.w3_EDF):
             if w is not None:
-                nn.init.normal_(w, std=self.d_model**-0.5)
-        nn.init.normal_(self.w2_EFD, std=self.hidden**-0.5)
+                nn.init.normal_(w, std=self.d_model**-0.5 if in_std is None else in_std)
+        nn.init.normal_(self.w2_EFD, std=self.hidden**-0.5 if out_std is None else out_std)
 
     def forward(self, x_ND: Tensor, group_sizes_E: Tensor) -> Tensor:
         """Routed experts on grouped rows (under expert parallelism: this rank's experts)."""
@@ -124,10 +128,20 @@ class DenseFFN(nn.Module):
         if activation not in ACTIVATIONS:
             raise ConfigError(f"FFN activation '{activation}' is unknown: pick one of {', '.join(ACTIVATIONS)}")
         self.activation = activation
-        self.w1_DH = nn.Parameter(torch.randn(d_model, hidden) * d_model**-0.5)
-        self.w3_DH = nn.Parameter(torch.randn(d_model, hidden) * d_model**-0.5) if activation != "gelu" else None
-        self.w2_HD = nn.Parameter(torch.randn(hidden, d_model) * hidden**-0.5)
+        self.w1_DH = nn.Parameter(torch.empty(d_model, hidden))
+        self.w3_DH = nn.Parameter(torch.empty(d_model, hidden)) if activation != "gelu" else None
+        self.w2_HD = nn.Parameter(torch.empty(hidden, d_model))
         self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, in_std: float | None = None, out_std: float | None = None) -> None:
+        """W1 (and W3) ~ N(0, in_std²), W2 ~ N(0, out_std²); by default fan-in, d^-1/2 and H^-1/2."""
+        d_model, hidden = self.w1_DH.shape
+        for w in (self.w1_DH, self.w3_DH):
+            if w is not None:
+                nn.init.normal_(w, std=d_model**-0.5 if in_std is None else in_std)
+        nn.init.normal_(self.w2_HD, std=hidden**-0.5 if out_std is None else out_std)
 
     def forward(self, x_TD: Tensor) -> Tensor:
         gate_TH = None if self.w3_DH is None else x_TD @ self.w3_DH

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Callable, Mapping
@@ -18,12 +19,24 @@ class MoELayer(nn.Module):
     """A mixture-of-experts feed-forward layer on (..., D) inputs.
 
     `router` and `experts` are factories (e.g. `functools.partial` or Hydra `_partial_`
-    configs) so every layer builds its own: `experts(d_model=D, hidden=F)` first, then
-    `router(d_model=D, num_experts=<the experts module's count>)`; with fine-grained
-    experts (granularity m) a router's `k` set in its factory is multiplied by m.
-    `aux_loss_weights` maps loss names of `moelab.moe.losses.AUX_LOSSES` to weights; a
-    weighted loss the router does not support (e.g. balance for Soft MoE, which is
-    balanced by construction) is skipped with a warning.
+    configs) so every layer builds its own: `experts(d_model=D, hidden=F)` and
+    `router(d_model=D, num_experts=<the experts module's count>, ...)`. A router factory
+    also gets those of `layer_index` and `router_facts` (facts about the model, such as
+    `vocab_size` or `num_positions`) that its signature names.
+
+    Width: with `match_dense_flops=False`, `hidden` is each expert's width F. With
+    `match_dense_flops=True`, `hidden` is the width H of the dense FFN this layer replaces,
+    and F is chosen so one token's active expert units equal H: F = H·m / (r + s), r the
+    fine experts a token is routed to and s the shared ones (top-k: F = H / k). F/m is
+    rounded to a multiple of 8 (the grouped matmul's alignment), with a warning when
+    that moves the active width off H.
+
+    Fine-grained and shared experts (DeepSeekMoE, Dai et al. 2024, sec. 3): with
+    granularity m and s shared experts a top-k router routes each token to k·m − s of the
+    E·m fine experts, so that k·m fine experts are active in all, as many units as k
+    coarse experts. `aux_loss_weights` maps loss names of `moelab.moe.losses.AUX_LOSSES` to
+    weights; a weighted loss the router does not support (e.g. balance for Soft MoE, which
+    is balanced by construction) is skipped with a warning.
 
     After each training forward the layer keeps, as side channels for the task and the
     callbacks, `aux_losses` (unweighted values by name), `aux_loss` (their weighted sum)
@@ -38,43 +51,122 @@ class MoELayer(nn.Module):
         experts: Callable[..., nn.Module],
         aux_loss_weights: Mapping[str, float] | None = None,
         layer_index: int | None = None,
+        match_dense_flops: bool = False,
+        router_facts: Mapping[str, object] | None = None,
     ) -> None:
         super().__init__()
-        self.experts = experts(d_model=d_model, hidden=hidden)
+        self.layer_index = layer_index
+        if match_dense_flops:
+            with torch.device("meta"):  # only its shape: the real experts follow the router
+                shape = experts(d_model=d_model, hidden=hidden)
+        else:
+            shape = self.experts = experts(d_model=d_model, hidden=hidden)
+        granularity = getattr(shape, "granularity", 1)
+        self.num_shared = getattr(shape, "num_shared", 0)
+        facts = {"layer_index": layer_index, **(router_facts or {})}
+        fine_k = self._router_k(router, granularity)
+        try:
+            self.router = router(d_model=d_model, num_experts=shape.num_experts, **fine_k, **_accepted(router, facts))
+        except ConfigError as error:
+            if not fine_k:
+                raise
+            raise ConfigError(
+                f"{error}; note that this router's k is router.k × expert.granularity − expert.num_shared = "
+                f"{_factory_k(router)} × {granularity} − {self.num_shared} = {fine_k['k']} (DeepSeekMoE): "
+                "raise router.k or expert.granularity, or lower expert.num_shared"
+            ) from error
+        self.dense_hidden = hidden if match_dense_flops else None
+        if match_dense_flops:
+            self.experts = experts(d_model=d_model, hidden=self._matched_width(hidden, granularity))
         make_shared = getattr(self.experts, "make_shared_experts", None)
         self.shared_experts = make_shared() if make_shared else None
-        router_overrides = {"num_experts": self.experts.num_experts}
-        granularity = getattr(self.experts, "granularity", 1)
-        if granularity > 1:
-            factory_k = getattr(router, "keywords", {}).get("k")
-            if factory_k is None:
+        self._check_losses(check_aux_loss_weights(aux_loss_weights or {}))
+        # Set by moelab.parallel to move grouped tokens to the ranks owning their experts.
+        self.expert_exchange: Callable[[Tensor, Tensor, nn.Module], Tensor] | None = None
+        self.aux_losses: dict[str, Tensor] = {}
+        self.aux_loss: Tensor | None = None
+        self.last_plan: Routing | None = None
+        self.reset_parameters()
+
+    def _router_k(self, router: Callable[..., nn.Module], granularity: int) -> dict[str, int]:
+        """The fine-grained top-k: k·m − s routed experts for a factory's k (DeepSeekMoE)."""
+        if granularity == 1 and not self.num_shared:
+            return {}
+        factory_k = _factory_k(router)
+        if factory_k is None:
+            if granularity > 1:
                 raise ConfigError(
                     f"expert.granularity={granularity} multiplies the router's k, and this router sets none: "
                     "use a top-k router (topk, noisy_topk, cosine, aux_free, sinkhorn) with router.k, or granularity=1"
                 )
-            router_overrides["k"] = factory_k * granularity
-        self.router = router(d_model=d_model, **router_overrides)
-        weights = check_aux_loss_weights(aux_loss_weights or {})
+            return {}  # shared experts beside a router without k: added on top
+        routed = factory_k * granularity - self.num_shared
+        if routed < 1:
+            raise ConfigError(
+                f"router.k={factory_k} × expert.granularity={granularity} gives {factory_k * granularity} active experts "
+                f"per token, and expert.num_shared={self.num_shared} of them are shared, leaving none routed: "
+                "raise router.k or expert.granularity, or lower expert.num_shared"
+            )
+        return {"k": routed}
+
+    def _matched_width(self, dense_hidden: int, granularity: int) -> int:
+        """Coarse expert width F with (r + s)·F/m = dense_hidden, F/m a multiple of 8."""
+        active = float(getattr(self.router, "experts_per_token", 1)) + self.num_shared
+        fine = max(8, round(dense_hidden / active / 8) * 8)
+        if abs(fine * active - dense_hidden) > 1e-6 * dense_hidden:
+            warnings.warn(
+                f"MoE layer {self.layer_index}: experts of {fine * granularity} units ({fine} per fine expert) give "
+                f"{fine * active:g} active units per token, not the dense FFN's {dense_hidden}: "
+                "pick a dense width divisible by 8·(active experts per token) for equal FLOPs",
+                stacklevel=3,
+            )
+        return fine * granularity
+
+    def _check_losses(self, weights: dict[str, float]) -> None:
         supported = getattr(self.router, "supported_losses", frozenset(AUX_LOSSES))
         skipped = sorted(name for name, w in weights.items() if w and name not in supported)
         if skipped:
             warnings.warn(
                 f"router {type(self.router).__name__} ignores auxiliary loss {skipped} "
                 f"(it supports {sorted(supported) or 'none'})",
-                stacklevel=2,
+                stacklevel=3,
             )
         if weights.get("balance") and type(self.router).__name__ == "AuxFreeRouter":
             warnings.warn(
                 "router=aux_free balances with its bias; a non-zero balance loss weight fights it: use loss=none or zloss",
-                stacklevel=2,
+                stacklevel=3,
             )
         self.aux_loss_weights = {name: w for name, w in weights.items() if name in supported}
-        self.layer_index = layer_index
-        # Set by moelab.parallel to move grouped tokens to the ranks owning their experts.
-        self.expert_exchange: Callable[[Tensor, Tensor, nn.Module], Tensor] | None = None
-        self.aux_losses: dict[str, Tensor] = {}
-        self.aux_loss: Tensor | None = None
-        self.last_plan: Routing | None = None
+
+    @torch.no_grad()
+    def reset_parameters(self, in_std: float | None = None, out_std: float | None = None,
+                         dense_hidden: int | None = None) -> None:
+        """Initialise the experts so the layer starts like the dense FFN it replaces.
+
+        The dense twin has width H = `dense_hidden` (default: the layer's own H, or its
+        active width (r + s)·f), input weights ~ N(0, in_std²) (default d^-1/2) and output
+        weights ~ N(0, out_std²) (default H^-1/2). Every expert's input weights are drawn
+        like the twin's, so hidden activations a match; the output weights of routed and
+        shared experts (width f each) get σ = out_std · sqrt(H / (f · (1/r + s))).
+
+        Why: the twin's output has RMS² = out_std² · H · E[a²]. The layer's output, with a
+        token's combine weights g summing to 1 evenly over its r routed experts (Σ g² = 1/r)
+        plus s shared experts of weight 1, has RMS² = σ² · f · (1/r + s) · E[a²]. Routers
+        whose weights do not sum to 1 (unnormalised top-1 as in Switch, expert choice)
+        scale the output by their gate, as in their papers.
+        """
+        init = getattr(self.experts, "reset_parameters", None)
+        fine = getattr(self.experts, "hidden", None)
+        if init is None or fine is None:
+            return  # experts of another kind initialise themselves
+        routed = float(getattr(self.router, "experts_per_token", 1))
+        twin = dense_hidden or self.dense_hidden or round((routed + self.num_shared) * fine)
+        in_std = self.experts.d_model**-0.5 if in_std is None else in_std
+        out_std = twin**-0.5 if out_std is None else out_std
+        expert_out_std = out_std * (twin / (fine * (1 / routed + self.num_shared))) ** 0.5
+        init(in_std, expert_out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.reset_parameters(in_std, expert_out_std)
 
     @property
     def num_experts(self) -> int:
@@ -105,6 +197,29 @@ class MoELayer(nn.Module):
                 torch.zeros((), device=x.device),
             )
         return y_TD.reshape(x.shape).to(x.dtype)
+
+
+def _factory_k(factory: Callable[..., object]) -> int | None:
+    """The k a router factory will use: its bound keyword, else its signature's default."""
+    keywords = getattr(factory, "keywords", None) or {}
+    if "k" in keywords:
+        return keywords["k"]
+    try:
+        parameter = inspect.signature(factory).parameters.get("k")
+    except (TypeError, ValueError):
+        return None
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def _accepted(factory: Callable[..., object], facts: Mapping[str, object]) -> dict[str, object]:
+    """Those `facts` (not None) that `factory` takes as keyword arguments."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return {name: value for name, value in facts.items() if value is not None}
+    return {name: value for name, value in facts.items() if value is not None and name in parameters}
 
 
 def check_aux_loss_weights(aux_loss_weights: Mapping[str, object]) -> dict[str, float]:

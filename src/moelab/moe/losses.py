@@ -1,4 +1,4 @@
-"""Auxiliary losses, each a function of a routing plan (definitions in shared EQUATIONS.md).
+"""Auxiliary losses, each a function of a routing plan (definitions: docs/equations.md).
 
 Which losses mean something for which router is declared by the router
 (`supported_losses`); MoELayer skips, with a warning, a weighted loss its router lacks.
@@ -29,7 +29,8 @@ def balance_loss(plan: Routing) -> Tensor:
 
     L = E · Σ_i f_i · P_i with f_i = c_i / (k·T), c_i the assignments to expert i counted
     before capacity drops, and P_i = (1/T) Σ_t p_t,i. Dividing by k makes L = 1 at
-    perfectly uniform routing for every k.
+    perfectly uniform routing for every k. Every choice counts, GShard's second one
+    included, where GShard's Algorithm 1 counts the first choice only.
     """
     fraction_E = _assignment_counts(plan.selected_experts_TK, plan.num_experts) / plan.selected_experts_TK.numel()
     return plan.num_experts * torch.dot(fraction_E, plan.router_probs_TE.mean(dim=0))

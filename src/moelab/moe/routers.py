@@ -8,6 +8,7 @@ Router math runs in fp32 whatever the compute dtype (ST-MoE, Zoph et al. 2022, s
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import torch
@@ -29,9 +30,14 @@ def router_logits(x_TD: Tensor, weight_ED: Tensor) -> Tensor:
 
 
 def linear_gate(d_model: int, num_experts: int) -> nn.Linear:
-    """W_g without bias, initialised so router logits start at unit scale."""
+    """W_g without bias, drawn from a truncated normal with σ = sqrt(0.1 / d): the Switch
+    Transformer's reduced initialisation scale (Fedus et al. 2021, sec. 2.3). On unit-RMS
+    inputs the logits start with std ≈ 0.3, so a token's routing weights start close to even
+    over its chosen experts, and an MoE layer's output starts at the dense FFN's scale (see
+    MoELayer.reset_parameters)."""
     gate = nn.Linear(d_model, num_experts, bias=False)
-    nn.init.normal_(gate.weight, std=d_model**-0.5)
+    std = (0.1 / d_model) ** 0.5
+    nn.init.trunc_normal_(gate.weight, std=std, a=-2 * std, b=2 * std)
     return gate
 
 
@@ -109,12 +115,12 @@ class TokenChoiceRouter(nn.Module):
     ) -> Routing:
         """Top-k of `selection_TE`, weights from `gates_TE` (renormalised if `normalize`)."""
         selected_TK = selection_TE.topk(self.k, dim=-1).indices
-        weights_TK = gates_TE.gather(1, selected_TK)
-        if self.normalize:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        raw_TK = gates_TE.gather(1, selected_TK)
+        weights_TK = raw_TK / raw_TK.sum(dim=-1, keepdim=True) if self.normalize else raw_TK
         capacity = self.capacity(logits_TE.shape[0])
-        # V-MoE's priority: a token's largest routing weight.
-        priority_T = weights_TK.max(dim=-1).values.detach() if self.batch_priority and capacity else None
+        # V-MoE's priority (Riquelme et al. 2021, Batch Prioritized Routing): the token's top gate as the router
+        # scored it, before any renormalisation over the chosen experts.
+        priority_T = raw_TK.max(dim=-1).values.detach() if self.batch_priority and capacity else None
         return token_choice_routing(
             logits_TE, probs_TE, selected_TK, weights_TK, capacity, priority_T, active_TK, load_estimate_E, context
         )
@@ -168,7 +174,12 @@ class TopKRouter(TokenChoiceRouter):
 class GShardRouter(TokenChoiceRouter):
     """GShard top-2 (Lepikhin et al. 2020, Algorithm 1): e1 = argmax p, e2 = argmax of p
     without e1, g1 and g2 renormalised over the pair; in training the second expert is
-    used only if 2·g2 > u, u ~ U(0, 1) (at eval both are used)."""
+    used only if 2·g2 > u, u ~ U(0, 1) (at eval both are used).
+
+    The `balance` loss counts both choices (f_i is the share of all 2·T assignments that
+    pick i), where the paper's Algorithm 1 counts the first choice only; both choices,
+    counted before any drop, is the Switch/Mixtral convention and the one every token-choice
+    router here shares."""
 
     normalize_configurable = False
 
@@ -205,6 +216,13 @@ class NoisyTopKRouter(TokenChoiceRouter):
     kept and their weights are a softmax over them. The plan carries the differentiable
     load estimate Load_i = Σ_t Φ((h_t,i − kth_excluding(H_t, k, i)) / softplus((x_t W_noise)_i))
     for the `load` loss. W_g and W_noise start at zero, as in the paper.
+
+    The noise std is softplus(x W_noise) + `noise_epsilon` (default 1e-2), a floor the paper's
+    equations do not have: it comes from the authors' implementation, `noisy_top_k_gating`
+    in tensor2tensor's `expert_utils.py`
+    (https://github.com/tensorflow/tensor2tensor/blob/master/tensor2tensor/utils/expert_utils.py).
+    It keeps the std, and the load estimator's division by it, away from 0 while W_noise is
+    still 0 at the start.
     """
 
     supported_losses = TOKEN_CHOICE_LOSSES | {"load"}
@@ -249,7 +267,14 @@ class NoisyTopKRouter(TokenChoiceRouter):
 class CosineRouter(TokenChoiceRouter):
     """Cosine routing (X-MoE, Chi et al. 2022): s_t,i = ⟨W_p x_t, e_i⟩ / (τ ‖W_p x_t‖ ‖e_i‖),
     W_p a projection to `dim` (low) dimensions, e_i learned expert embeddings, τ a learned
-    temperature (its log clamped so τ ≥ `min_temperature`); top-k of softmax(s)."""
+    temperature (its log clamped so τ ≥ `min_temperature`); top-k of softmax(s).
+
+    No z-loss: the logits are bounded by 1/τ already, so a z-loss could only push τ up
+    (flattening the routing), and X-MoE trains without one. A weighted `zloss` is skipped
+    with MoELayer's warning, like any loss a router does not support.
+    """
+
+    supported_losses = TOKEN_CHOICE_LOSSES - {"zloss"}
 
     def no_weight_decay(self) -> set[str]:
         """timm's convention: parameters AdamW should not decay (L2-normalised in forward)."""
@@ -341,8 +366,16 @@ class SinkhornRouter(TokenChoiceRouter):
     """Balanced assignment by Sinkhorn normalisation (as in Megatron-Core; in the spirit of
     BASE layers, Lewis et al. 2021). In training, K = exp(h) is scaled alternately by rows
     and columns until rows sum to 1/T and columns to 1/E (within `tolerance`, at most
-    `max_iterations`); experts are the top-k of the scaled matrix, weights come from the
-    unscaled p = softmax(h). At eval: plain top-k of p."""
+    `max_iterations`); experts are the top-k of the scaled matrix. At eval: plain top-k.
+
+    Weights: for k = 1, σ(h_i) of the chosen expert, BASE layers' gate (Lewis et al. 2021,
+    eq. 2: y = x + σ(x·w_i) f_i(x)) and Megatron-Core's; for k > 1, the softmax
+    probabilities p_i of the chosen experts (renormalised over them with `normalize`).
+    """
+
+    # Megatron-Core's guard in the scaling denominators: an expert (or token) whose exp(h)
+    # all underflow gets a zero column (row) instead of 0/0 = NaN everywhere.
+    EPSILON = 1e-8
 
     def __init__(
         self,
@@ -363,18 +396,22 @@ class SinkhornRouter(TokenChoiceRouter):
     def causal_safe(self) -> bool:
         return False  # the training assignment couples every token of the batch
 
-    @staticmethod
+    @classmethod
     @torch.no_grad()
-    def sinkhorn(logits_TE: Tensor, max_iterations: int, tolerance: float) -> Tensor:
-        """Scale exp(logits) to rows summing to 1/T and columns to 1/E."""
+    def sinkhorn(cls, logits_TE: Tensor, max_iterations: int, tolerance: float) -> Tensor:
+        """Scale exp(logits) to rows summing to 1/T and columns to 1/E.
+
+        Each row is shifted by its own maximum first: exp(h_t − max_t h_t) differs from
+        exp(h_t) by a factor per row, which the row scaling absorbs, so the result is the
+        same while every row keeps an entry of 1 (no row underflows to all zeros)."""
         num_tokens, num_experts = logits_TE.shape
-        matrix_TE = (logits_TE - logits_TE.max()).exp()
+        matrix_TE = (logits_TE - logits_TE.max(dim=1, keepdim=True).values).exp()
         for _ in range(max_iterations):
-            matrix_TE = matrix_TE / (matrix_TE.sum(0, keepdim=True) * num_experts)
+            matrix_TE = matrix_TE / (matrix_TE.sum(0, keepdim=True) * num_experts + cls.EPSILON)
             row_error = (matrix_TE.sum(1) * num_tokens - 1).abs().max()
             if row_error < tolerance:
                 break
-            matrix_TE = matrix_TE / (matrix_TE.sum(1, keepdim=True) * num_tokens)
+            matrix_TE = matrix_TE / (matrix_TE.sum(1, keepdim=True) * num_tokens + cls.EPSILON)
         return matrix_TE
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
@@ -383,34 +420,117 @@ class SinkhornRouter(TokenChoiceRouter):
         selection_TE = probs_TE
         if self.training:
             selection_TE = self.sinkhorn(logits_TE, self.max_iterations, self.tolerance)
-        return self.plan(logits_TE, probs_TE, selection_TE, probs_TE, context)
+        gates_TE = torch.sigmoid(logits_TE) if self.k == 1 else probs_TE
+        return self.plan(logits_TE, probs_TE, selection_TE, gates_TE, context)
+
+
+def balanced_key_map(num_keys: int, num_experts: int, seed: int) -> Tensor:
+    """A random map from `num_keys` keys to experts in which every expert gets ⌊K/E⌋ or
+    ⌈K/E⌉ keys (a seeded permutation of the keys dealt to experts in turn)."""
+    order_K = torch.randperm(num_keys, generator=torch.Generator().manual_seed(seed))
+    expert_of_key = torch.empty(num_keys, dtype=torch.long)
+    expert_of_key[order_K] = torch.arange(num_keys) % num_experts
+    return expert_of_key
+
+
+def frequency_balanced_key_map(frequency_K: Tensor, num_experts: int, seed: int) -> Tensor:
+    """Hash layers' balanced assignment (Roller et al. 2021, "balanced assignment"): keys in decreasing
+    frequency, each given to the expert with the least frequency mass so far (ties: fewer
+    keys, then a seeded order of the experts), so every expert's expected load is within
+    the largest single key's frequency of every other's. Keys of equal frequency are taken
+    in a seeded random order, so each layer's seed gives its own map."""
+    generator = torch.Generator().manual_seed(seed)
+    shuffled_K = torch.randperm(frequency_K.numel(), generator=generator)
+    order = shuffled_K[torch.argsort(frequency_K[shuffled_K].double(), descending=True, stable=True)]
+    tie_rank = torch.randperm(num_experts, generator=generator).tolist()
+    heap = [(0.0, 0, tie_rank[e], e) for e in range(num_experts)]
+    expert_of_key = torch.empty(frequency_K.numel(), dtype=torch.long)
+    for key, mass in zip(order.tolist(), frequency_K.double()[order].tolist()):
+        load, count, rank, expert = heapq.heappop(heap)
+        expert_of_key[key] = expert
+        heapq.heappush(heap, (load + mass, count + 1, rank, expert))
+    return expert_of_key
 
 
 class HashRouter(nn.Module):
-    """Hash layers (Roller et al. 2021): expert(t) = π(key_t) for a fixed random balanced
-    map π from keys to experts, k = 1, weight 1. `key="token_id"` hashes token ids
-    (language models pass them); `key="position"` hashes the position in the sequence
-    (patch position for vision). Keys are taken modulo `num_buckets`."""
+    """Hash layers (Roller et al. 2021): expert(t) = π(key_t) for a fixed random map π from
+    keys to experts, k = 1, weight 1.
+
+    `key="token_id"` hashes token ids (language models pass them), `key="position"` the
+    position in the sequence (patch position for vision); `"auto"` takes token ids where the
+    model has a vocabulary and positions otherwise. The map covers the real keys: K =
+    `num_keys`, or the model's `vocab_size` (token ids) or `num_positions` (positions), which
+    models pass to routers that take them (see MoELayer). Keys ≥ K wrap around (key mod K).
+
+    `balance="uniform"`: every expert gets ⌊K/E⌋ or ⌈K/E⌉ keys. `balance="frequency"`
+    (token ids): the paper's balanced assignment by key frequency in the training data,
+    set by `fit_key_frequencies(counts)` before training (the language task does it from
+    the training split); until then the map is the uniform one. Each layer draws its own
+    map, from `seed + layer_index`. The map is a buffer, so checkpoints carry it.
+    """
 
     kind = "hash"
     supported_losses = frozenset()
     causal_safe = True
     experts_per_token = 1
+    KEYS = ("auto", "token_id", "position")
+    BALANCES = ("uniform", "frequency")
 
-    def __init__(self, d_model: int, num_experts: int, key: str = "token_id", num_buckets: int = 65536, seed: int = 0) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        key: str = "auto",
+        num_keys: int | None = None,
+        balance: str = "uniform",
+        seed: int = 0,
+        layer_index: int | None = None,
+        vocab_size: int | None = None,
+        num_positions: int | None = None,
+    ) -> None:
         super().__init__()
         check_num_experts(num_experts)
-        if key not in ("token_id", "position"):
-            raise ConfigError(f"router.key='{key}' is unknown: pick token_id or position")
-        self.num_experts, self.key, self.num_buckets = num_experts, key, num_buckets
-        shuffled = torch.randperm(num_buckets, generator=torch.Generator().manual_seed(seed))
-        table = torch.empty(num_buckets, dtype=torch.long)
-        table[shuffled] = torch.arange(num_buckets) % num_experts  # each expert gets ⌊B/E⌋ or ⌈B/E⌉ buckets
-        self.register_buffer("expert_of_bucket", table)
+        if key not in self.KEYS:
+            raise ConfigError(f"router.key='{key}' is unknown: pick {', '.join(self.KEYS)}")
+        if balance not in self.BALANCES:
+            raise ConfigError(f"router.balance='{balance}' is unknown: pick {' or '.join(self.BALANCES)}")
+        if key == "auto":
+            key = "token_id" if vocab_size is not None else "position"
+        if balance == "frequency" and key != "token_id":
+            raise ConfigError("router.balance=frequency balances token-id frequencies: use it with router.key=token_id")
+        if num_keys is None:
+            num_keys = vocab_size if key == "token_id" else num_positions
+        if num_keys is None and key == "token_id":
+            raise ConfigError(
+                "router=hash with router.key=token_id needs the vocabulary size, and this model has none: "
+                "on images use router.key=position (or auto); elsewhere set router.num_keys"
+            )
+        if num_keys is None:
+            raise ConfigError(
+                "router=hash with router.key=position needs the number of positions: set router.num_keys "
+                "(the sequence length)"
+            )
+        if num_keys < 1:
+            raise ConfigError(f"router.num_keys={num_keys} must be >= 1")
+        self.num_experts, self.key, self.num_keys, self.balance = num_experts, key, num_keys, balance
+        self.seed = seed + (layer_index or 0)
+        self.register_buffer("expert_of_key", balanced_key_map(num_keys, num_experts, self.seed))
 
     @property
     def needs_token_ids(self) -> bool:
         return self.key == "token_id"
+
+    @torch.no_grad()
+    def fit_key_frequencies(self, counts_K: Tensor) -> None:
+        """Rebuild the map from each key's count in the training data (balance="frequency")."""
+        counts_K = torch.as_tensor(counts_K).flatten()
+        if counts_K.numel() > self.num_keys:
+            raise ConfigError(
+                f"router=hash: the data has {counts_K.numel()} token ids but router.num_keys={self.num_keys}"
+            )
+        frequency_K = torch.zeros(self.num_keys, dtype=torch.float64)
+        frequency_K[: counts_K.numel()] = counts_K.double()
+        self.expert_of_key.copy_(frequency_balanced_key_map(frequency_K, self.num_experts, self.seed))
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
         if self.key == "token_id":
@@ -423,10 +543,13 @@ class HashRouter(nn.Module):
         else:
             seq_len = x_TD.shape[0] if context is None else context.seq_len
             keys_T = torch.arange(x_TD.shape[0], device=x_TD.device) % seq_len
-        selected_T1 = self.expert_of_bucket[keys_T % self.num_buckets].unsqueeze(1)
+        selected_T1 = self.expert_of_key[keys_T % self.num_keys].unsqueeze(1)
         probs_TE = F.one_hot(selected_T1.squeeze(1), self.num_experts).float()
         weights_T1 = torch.ones_like(selected_T1, dtype=torch.float32)
         return token_choice_routing(torch.zeros_like(probs_TE), probs_TE, selected_T1, weights_T1, context=context)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, key={self.key}, num_keys={self.num_keys}, balance={self.balance}, seed={self.seed}"
 
 
 class DenseRouter(nn.Module):
