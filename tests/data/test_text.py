@@ -119,10 +119,12 @@ def write_tokens(folder, splits, dtype=np.uint16, meta=None):
 
 def test_token_files_are_memory_mapped_windows(tmp_path):
     ids = {s: (np.arange(300) * 7 + k) % 60000 for k, s in enumerate(("train", "val", "test"))}
-    write_tokens(tmp_path / "tok", ids, meta={"vocab_size": 60000, "dtype": "uint16", "bytes_per_token": 3.5})
+    ratios = {"train": 3.5, "val": 3.0, "test": 4.0}
+    write_tokens(tmp_path / "tok", ids, meta={"vocab_size": 60000, "dtype": "uint16", "bytes_per_token": ratios})
     module = TokenFileDataModule(str(tmp_path / "tok"), vocab_size=60032, seq_len=10, batch_size=2)
     module.setup()
-    assert isinstance(module.tokens["train"], np.memmap) and module.bytes_per_token == 3.5
+    assert isinstance(module.tokens["train"], np.memmap)
+    assert {split: module.bytes_per_token_of(split) for split in ratios} == ratios
     x, y = next(iter(module.val_dataloader()))
     assert x.dtype == torch.int64
     assert torch.equal(x[0], torch.from_numpy(ids["val"][:10].astype(np.int64)))
@@ -185,6 +187,15 @@ def test_missing_hf_extra_names_the_install_command(tmp_path, monkeypatch):
     assert "\n" not in message and 'pip install -e ".[hf]"' in message and "datasets and tiktoken" in message
 
 
+def test_a_pooled_bytes_per_token_from_an_older_meta_json_warns(tmp_path):
+    ids = {s: np.arange(300) % 500 for s in ("train", "val", "test")}
+    write_tokens(tmp_path / "tok", ids, meta={"vocab_size": 500, "dtype": "uint16", "bytes_per_token": 3.5})
+    module = TokenFileDataModule(str(tmp_path / "tok"), vocab_size=512, seq_len=10, batch_size=2)
+    with pytest.warns(UserWarning, match="pooled over all splits"):
+        module.setup()
+    assert module.bytes_per_token_of("val") == 3.5
+
+
 def test_write_token_files_round_trip_and_bytes_per_token(tmp_path):
     docs = {"train": ["héllo wörld", "abc"], "val": ["xyz"], "test": ["12"]}
 
@@ -195,9 +206,11 @@ def test_write_token_files_round_trip_and_bytes_per_token(tmp_path):
     assert meta["dtype"] == "uint16"
     train = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16).tolist()
     assert train == encode_pairs(["héllo wörld"])[0] + [511] + encode_pairs(["abc"])[0] + [511]
-    total_bytes = sum(len(t.encode()) for split in docs.values() for t in split)
-    total_tokens = sum(len(ids) + 1 for split in docs.values() for ids in encode_pairs(split))
-    assert meta["bytes_per_token"] == pytest.approx(total_bytes / total_tokens)
+    for split, texts in docs.items():  # each split its own ratio; an end-of-text counts as 1 byte
+        split_bytes = sum(len(t.encode()) + 1 for t in texts)
+        split_tokens = sum(len(ids) + 1 for ids in encode_pairs(texts))
+        assert meta["bytes_per_token"][split] == pytest.approx(split_bytes / split_tokens)
+        assert meta["splits"][split] == {"bytes": split_bytes, "tokens": split_tokens, "documents": len(texts)}
     assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
     assert not list((tmp_path / "out").glob("*.tmp"))
 

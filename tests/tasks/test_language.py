@@ -56,6 +56,26 @@ def test_lm_pystdlib_runs_and_reports_bits_per_byte(tmp_path):
     assert "⟦" in text and text.rstrip().endswith("⟧")
 
 
+def test_bits_per_byte_use_each_splits_own_bytes_per_token(tmp_path):
+    """Token files whose splits tokenise differently: val and test bpb divide by their own ratio."""
+    from moelab.data.text import write_token_files
+
+    def encode(batch):  # val text packs 4 bytes per token, the rest 2
+        return [[ord(c) % 500 for c in (t[::4] if t.startswith("v") else t[::2])] for t in batch]
+
+    docs = {split: [split[0] + "abcdefgh" * 40] * 40 for split in ("train", "val", "test")}
+    meta = write_token_files(docs, encode, tmp_path / "tok", vocab_size=512, end_of_text=511)
+    ratios = meta["bytes_per_token"]
+    assert ratios["val"] > 1.5 * ratios["test"]
+    tiny = [o for o in TINY if not o.startswith(("experiment=", "data.max_bytes"))]
+    cfg = compose_config(tmp_path, "model=lm", "data=tokens", "task=language", "optimized_metric=val/bpb",
+                         f"data.path={tmp_path / 'tok'}", "data.vocab_size=512", "data.eval_max_windows=4", *tiny)
+    run(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for stage in ("val", "test"):
+        assert metrics[f"{stage}/bpb"] == pytest.approx(metrics[f"{stage}/loss"] / (math.log(2) * ratios[stage]), rel=1e-5)
+
+
 def test_dense_baseline_is_one_override(tmp_path):
     cfg = compose_config(tmp_path, *TINY, "model.moe_every=0", "trainer.limit_train_batches=2")
     run(cfg)

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import sysconfig
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -84,6 +85,18 @@ class TextDataModule(ResumableDataModule):
 
     def load_splits(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
+
+    def token_counts(self, split: str = "train") -> np.ndarray:
+        """How often each token id occurs in `split` (length: the vocabulary size)."""
+        return np.bincount(np.asarray(self.tokens[split]), minlength=self.vocab_size)
+
+    def bytes_per_token_of(self, split: str) -> float | None:
+        """Bytes of original text per token in `split` (for bits per byte), or None if unknown.
+        `bytes_per_token` is one number for every split, or a {split: ratio} mapping."""
+        value = self.bytes_per_token
+        if isinstance(value, Mapping):
+            value = value.get(split)
+        return None if value is None else float(value)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of token ids (bytes decoded as UTF-8 here; token files override)."""
@@ -223,7 +236,9 @@ def _prepare_hint(path: Path) -> str:
 class TokenFileDataModule(TextDataModule):
     """Token ids in `<path>/{train,val,test}.bin` (raw uint16 or uint32 arrays, nanoGPT style),
     memory-mapped. An optional `<path>/meta.json` ({vocab_size, dtype, bytes_per_token,
-    encoding}) written by `scripts/prepare_text.py` fills in what the config leaves null."""
+    encoding}) written by `scripts/prepare_text.py` fills in what the config leaves null;
+    its `bytes_per_token` holds one ratio per split. A `bytes_per_token` set in the config
+    applies to every split."""
 
     def __init__(
         self,
@@ -249,6 +264,12 @@ class TokenFileDataModule(TextDataModule):
             raise ConfigError(f"data.dtype={self.dtype} is not a token file type: use uint16 or uint32")
         if self.bytes_per_token is None:
             self.bytes_per_token = self.meta.get("bytes_per_token")
+            if isinstance(self.bytes_per_token, (int, float)):
+                warnings.warn(
+                    f"{self.path}/meta.json has one bytes-per-token ratio pooled over all splits, so val/test bpb "
+                    f"use the pooled ratio: write the files again with `{_prepare_hint(self.path)}` for per-split ratios",
+                    stacklevel=2,
+                )
         needed = self.meta.get("vocab_size")
         if needed is not None and needed > self.vocab_size:
             raise ConfigError(
@@ -309,14 +330,16 @@ def write_token_files(
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> dict:
     """Tokenise each split's documents (in batches of `chunk_docs`) into `<out_dir>/<split>.bin`,
-    `end_of_text` after every document, and write `meta.json` with the measured bytes per token.
-    Files appear only when complete (written as `.tmp`, then renamed)."""
+    `end_of_text` after every document, and write `meta.json` with each split's measured bytes per token.
+    Files appear only when complete (written as `.tmp`, then renamed). Each split gets its
+    own bytes-per-token ratio (bits per byte divide by the ratio of the split evaluated)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype_name = "uint16" if vocab_size <= 2**16 else "uint32"
     dtype = TOKEN_DTYPES[dtype_name]
-    total_bytes = total_tokens = 0
+    counts: dict[str, dict[str, int]] = {}
     for split, texts in texts_by_split.items():
+        tally = counts[split] = {"bytes": 0, "tokens": 0, "documents": 0}
         tmp = out / f"{split}.bin.tmp"
         with tmp.open("wb") as f:
             batch: list[str] = []
@@ -324,29 +347,33 @@ def write_token_files(
             for text in docs:
                 batch.append(text)
                 if len(batch) == chunk_docs:
-                    total_bytes, total_tokens = _write_batch(f, batch, encode, end_of_text, dtype, total_bytes, total_tokens)
+                    _write_batch(f, batch, encode, end_of_text, dtype, tally)
                     batch = []
             if batch:
-                total_bytes, total_tokens = _write_batch(f, batch, encode, end_of_text, dtype, total_bytes, total_tokens)
+                _write_batch(f, batch, encode, end_of_text, dtype, tally)
         tmp.replace(out / f"{split}.bin")
     meta = {
         "vocab_size": vocab_size,
         "dtype": dtype_name,
-        "bytes_per_token": total_bytes / max(1, total_tokens),
+        "bytes_per_token": {split: c["bytes"] / max(1, c["tokens"]) for split, c in counts.items()},
+        "splits": counts,
         "encoding": encoding,
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
-def _write_batch(f, batch, encode, end_of_text, dtype, total_bytes, total_tokens):
+def _write_batch(f, batch, encode, end_of_text, dtype, tally: dict[str, int]) -> None:
+    """Append a batch of documents' ids; count their UTF-8 bytes, with one byte for each
+    end-of-text (the document boundary, which a byte-level model of the same text would
+    spell as a separator byte), so bits per byte compare across tokenizers."""
     for text, ids in zip(batch, encode(batch)):
         if end_of_text is not None:
             ids = [*ids, end_of_text]
         np.asarray(ids, dtype=dtype).tofile(f)
-        total_bytes += len(text.encode("utf-8"))
-        total_tokens += len(ids)
-    return total_bytes, total_tokens
+        tally["bytes"] += len(text.encode("utf-8")) + (end_of_text is not None)
+        tally["tokens"] += len(ids)
+        tally["documents"] += 1
 
 
 def require_hf_extra() -> None:

@@ -11,6 +11,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from moelab.moe.errors import ConfigError
+from moelab.moe.layer import moe_layers
 from moelab.tasks.base import MoETask
 from moelab.tasks.optim import check_optimizer_hparams
 
@@ -20,10 +22,11 @@ class LanguageModeling(MoETask):
     `train/tokens_per_s`, and per evaluation stage `<stage>/loss` (mean next-token
     cross-entropy in nats over all evaluated tokens), `<stage>/ppl` = exp(loss) and, when the
     bytes per token are known, `<stage>/bpb` = loss / (ln 2 · bytes_per_token) — bits per byte
-    of the original text (bytes_per_token = 1 on byte data).
+    of the original text (bytes_per_token = 1 on byte data), with the evaluated split's own
+    ratio.
 
-    `bytes_per_token` null takes the datamodule's `bytes_per_token` attribute (pystdlib: 1;
-    token files: from their meta.json); bpb is not logged when neither knows it.
+    `bytes_per_token` null takes the datamodule's ratio for the split (pystdlib: 1; token
+    files: from their meta.json, one ratio per split); bpb is not logged when neither knows it.
     At each validation, rank 0 logs `samples/continuation` to TensorBoard: `sample_tokens`
     sampled tokens after the first `sample_prompt_tokens` of the first validation window,
     drawn with a generator seeded by `sample_seed` (the same text for the same weights).
@@ -55,11 +58,33 @@ class LanguageModeling(MoETask):
     def forward(self, token_ids: Tensor) -> Tensor:
         return self.model(token_ids)
 
-    @property
-    def bytes_per_token(self) -> float | None:
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self._fit_hash_frequencies()
+
+    def _fit_hash_frequencies(self) -> None:
+        """Frequency-balanced hash routers (router.balance=frequency) get their maps from the
+        training split's token counts, before any parallel wrapping; the same data give the
+        same maps, and checkpoints carry them."""
+        routers = [layer.router for layer in moe_layers(self.model) if getattr(layer.router, "balance", None) == "frequency"]
+        if not routers:
+            return
+        token_counts = getattr(self.trainer.datamodule, "token_counts", None)
+        if token_counts is None:
+            raise ConfigError("router.balance=frequency needs the training data's token counts: use a text datamodule")
+        counts = torch.from_numpy(token_counts("train"))
+        for router in routers:
+            router.fit_key_frequencies(counts)
+
+    def bytes_per_token(self, split: str) -> float | None:
+        """Bytes of text per token of `split`: the task's setting, else the datamodule's
+        ratio for that split (`bytes_per_token_of`), else None."""
         if self.hparams.bytes_per_token is not None:
             return float(self.hparams.bytes_per_token)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        per_split = getattr(datamodule, "bytes_per_token_of", None)
+        if per_split is not None:
+            return per_split(split)
         value = getattr(datamodule, "bytes_per_token", None)
         return None if value is None else float(value)
 
@@ -101,7 +126,7 @@ class LanguageModeling(MoETask):
         loss = metric.compute()
         metric.reset()
         values = {f"{stage}/loss": loss, f"{stage}/ppl": loss.exp()}
-        bytes_per_token = self.bytes_per_token
+        bytes_per_token = self.bytes_per_token(stage)
         if bytes_per_token:
             values[f"{stage}/bpb"] = loss / (math.log(2) * bytes_per_token)
         # The metric's compute() already reduced across ranks, so every rank holds the same
