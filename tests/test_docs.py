@@ -1,5 +1,6 @@
-"""The repository's documentation stands alone: it links nothing outside the repository,
-and docs/equations.md defines every router, expert and loss the configs offer."""
+"""The repository's documentation stands alone: no file refers to a file outside the
+repository (links to papers and public code are fine), and docs/equations.md defines every
+router, expert and loss the configs offer."""
 
 from __future__ import annotations
 

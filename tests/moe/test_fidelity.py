@@ -19,6 +19,7 @@ from moelab.moe import (
     CosineRouter,
     ExpertChoiceRouter,
     GroupedExperts,
+    GShardRouter,
     HashRouter,
     MoELayer,
     SinkhornRouter,
@@ -93,6 +94,30 @@ def test_frequency_balanced_map_evens_out_a_zipf_load():
     assert not torch.equal(other_layer.expert_of_key, balanced.expert_of_key)
 
 
+def test_unseen_token_ids_spread_over_the_experts():
+    counts = torch.zeros(256)
+    counts[:50] = torch.arange(50, 0, -1).double()  # 50 seen ids, 206 never seen
+    router = HashRouter(d_model=8, num_experts=8, key="token_id", num_keys=256, balance="frequency")
+    router.fit_key_frequencies(counts)
+    unseen_per_expert = torch.bincount(router.expert_of_key[50:], minlength=8)
+    keys_per_expert = torch.bincount(router.expert_of_key, minlength=8)
+    assert unseen_per_expert.min() > 0 and keys_per_expert.max() - keys_per_expert.min() <= 1
+
+
+def test_layer_seeds_do_not_collide_across_run_seeds():
+    def table(seed, layer):
+        return HashRouter(d_model=8, num_experts=4, key="position", num_keys=64, seed=seed, layer_index=layer).expert_of_key
+
+    assert not torch.equal(table(2, 1), table(0, 3))
+    assert torch.equal(table(2, 1), table(2, 1))
+
+
+def test_hash_without_model_facts_says_what_to_set():
+    with pytest.raises(ConfigError, match="router.key=auto cannot tell what to hash") as info:
+        MoELayer(16, 32, HashRouter, partial(GroupedExperts, num_experts=4))
+    assert "\n" not in str(info.value)
+
+
 # 2-3. Active compute ------------------------------------------------------------------------
 
 def active_expert_units(layer: MoELayer) -> float:
@@ -133,6 +158,20 @@ def test_a_width_that_cannot_match_exactly_warns_with_the_numbers():
         layer = MoELayer(16, 128, partial(ExpertChoiceRouter, capacity_factor=1.5), partial(GroupedExperts, num_experts=4),
                          layer_index=3, match_dense_flops=True)
     assert layer.experts.hidden == 88
+
+
+def test_a_dense_width_no_granularity_divides_still_builds_matched_experts():
+    # The experts' own checks apply to the width they get (H/k rounded), not to H.
+    with pytest.warns(UserWarning, match="1344 active units per token, not the dense FFN's 1365"):
+        layer = MoELayer(16, 1365, partial(TopKRouter, k=2), partial(GroupedExperts, num_experts=4, granularity=4),
+                         match_dense_flops=True)
+    assert (layer.experts.hidden, layer.router.k) == (168, 8)
+
+
+def test_gshard_refuses_fine_or_shared_experts_in_one_line():
+    with pytest.raises(ConfigError, match="gshard is top-2 by definition") as info:
+        MoELayer(16, 64, GShardRouter, partial(GroupedExperts, num_experts=4, num_shared=1))
+    assert "\n" not in str(info.value) and "router=topk" in str(info.value)
 
 
 def test_too_many_shared_experts_for_k_is_one_line():

@@ -87,8 +87,13 @@ class TextDataModule(ResumableDataModule):
         raise NotImplementedError
 
     def token_counts(self, split: str = "train") -> np.ndarray:
-        """How often each token id occurs in `split` (length: the vocabulary size)."""
-        return np.bincount(np.asarray(self.tokens[split]), minlength=self.vocab_size)
+        """How often each token id occurs in `split` (length: the vocabulary size), counted
+        in chunks so a memory-mapped split is never held in memory whole."""
+        tokens, chunk = self.tokens[split], 1 << 24
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        for start in range(0, len(tokens), chunk):
+            counts += np.bincount(tokens[start : start + chunk], minlength=self.vocab_size)[: self.vocab_size]
+        return counts
 
     def bytes_per_token_of(self, split: str) -> float | None:
         """Bytes of original text per token in `split` (for bits per byte), or None if unknown.

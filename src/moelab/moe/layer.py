@@ -57,8 +57,11 @@ class MoELayer(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         if match_dense_flops:
-            with torch.device("meta"):  # only its shape: the real experts follow the router
-                shape = experts(d_model=d_model, hidden=hidden)
+            # Only its shape (expert count, granularity, shared experts), at the smallest
+            # width every granularity accepts: the real experts follow the router.
+            probe_hidden = 8 * (_factory_keyword(experts, "granularity") or 1)
+            with torch.device("meta"):
+                shape = experts(d_model=d_model, hidden=probe_hidden)
         else:
             shape = self.experts = experts(d_model=d_model, hidden=hidden)
         granularity = getattr(shape, "granularity", 1)
@@ -92,6 +95,12 @@ class MoELayer(nn.Module):
         """The fine-grained top-k: k·m − s routed experts for a factory's k (DeepSeekMoE)."""
         if granularity == 1 and not self.num_shared:
             return {}
+        if getattr(getattr(router, "func", router), "fixed_k", False):
+            raise ConfigError(
+                f"expert.granularity={granularity} and expert.num_shared={self.num_shared} change how many experts "
+                "a token is routed to (k·m − shared), and this router's k is fixed (gshard is top-2 by definition): "
+                "use router=topk with router.k, or plain experts"
+            )
         factory_k = _factory_k(router)
         if factory_k is None:
             if granularity > 1:
@@ -115,7 +124,7 @@ class MoELayer(nn.Module):
         fine = max(8, round(dense_hidden / active / 8) * 8)
         if abs(fine * active - dense_hidden) > 1e-6 * dense_hidden:
             warnings.warn(
-                f"MoE layer {self.layer_index}: experts of {fine * granularity} units ({fine} per fine expert) give "
+                f"MoE layer{'' if self.layer_index is None else f' {self.layer_index}'}: experts of {fine * granularity} units ({fine} per fine expert) give "
                 f"{fine * active:g} active units per token, not the dense FFN's {dense_hidden}: "
                 "pick a dense width divisible by 8·(active experts per token) for equal FLOPs",
                 stacklevel=3,
@@ -199,16 +208,22 @@ class MoELayer(nn.Module):
         return y_TD.reshape(x.shape).to(x.dtype)
 
 
-def _factory_k(factory: Callable[..., object]) -> int | None:
-    """The k a router factory will use: its bound keyword, else its signature's default."""
+def _factory_keyword(factory: Callable[..., object], name: str) -> object | None:
+    """The value a factory will pass for `name`: its bound keyword, else its signature's
+    default, else None."""
     keywords = getattr(factory, "keywords", None) or {}
-    if "k" in keywords:
-        return keywords["k"]
+    if name in keywords:
+        return keywords[name]
     try:
-        parameter = inspect.signature(factory).parameters.get("k")
+        parameter = inspect.signature(factory).parameters.get(name)
     except (TypeError, ValueError):
         return None
     return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def _factory_k(factory: Callable[..., object]) -> int | None:
+    """The k a router factory will use."""
+    return _factory_keyword(factory, "k")
 
 
 def _accepted(factory: Callable[..., object], facts: Mapping[str, object]) -> dict[str, object]:

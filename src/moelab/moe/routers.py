@@ -182,6 +182,7 @@ class GShardRouter(TokenChoiceRouter):
     router here shares."""
 
     normalize_configurable = False
+    fixed_k = True  # MoELayer cannot re-count k for fine-grained or shared experts
 
     def __init__(
         self,
@@ -373,8 +374,8 @@ class SinkhornRouter(TokenChoiceRouter):
     probabilities p_i of the chosen experts (renormalised over them with `normalize`).
     """
 
-    # Megatron-Core's guard in the scaling denominators: an expert (or token) whose exp(h)
-    # all underflow gets a zero column (row) instead of 0/0 = NaN everywhere.
+    # The guard in the scaling denominators (Megatron-Core has one too): an expert whose
+    # exp(h) all underflow gets a zero column instead of 0/0 = NaN everywhere.
     EPSILON = 1e-8
 
     def __init__(
@@ -402,8 +403,11 @@ class SinkhornRouter(TokenChoiceRouter):
         """Scale exp(logits) to rows summing to 1/T and columns to 1/E.
 
         Each row is shifted by its own maximum first: exp(h_t − max_t h_t) differs from
-        exp(h_t) by a factor per row, which the row scaling absorbs, so the result is the
-        same while every row keeps an entry of 1 (no row underflows to all zeros)."""
+        exp(h_t) by a factor per row, which the row scaling absorbs, so the iteration has
+        the same fixed point while every row keeps an entry of 1 (no row underflows to all
+        zeros). The scalings divide by E·(column sum) + ε and T·(row sum) + ε: Megatron-Core's
+        ε guard, added after the sums are scaled to about 1, so it stays negligible at any
+        batch size (Megatron adds it to the raw sums, which shrink as 1/T)."""
         num_tokens, num_experts = logits_TE.shape
         matrix_TE = (logits_TE - logits_TE.max(dim=1, keepdim=True).values).exp()
         for _ in range(max_iterations):
@@ -434,22 +438,38 @@ def balanced_key_map(num_keys: int, num_experts: int, seed: int) -> Tensor:
 
 
 def frequency_balanced_key_map(frequency_K: Tensor, num_experts: int, seed: int) -> Tensor:
-    """Hash layers' balanced assignment (Roller et al. 2021, "balanced assignment"): keys in decreasing
-    frequency, each given to the expert with the least frequency mass so far (ties: fewer
-    keys, then a seeded order of the experts), so every expert's expected load is within
-    the largest single key's frequency of every other's. Keys of equal frequency are taken
-    in a seeded random order, so each layer's seed gives its own map."""
+    """Hash layers' balanced assignment (Roller et al. 2021, "balanced assignment"): keys in
+    decreasing frequency, each given to the expert with the least frequency mass so far
+    (ties: fewer keys, then a seeded order of the experts), so every expert's expected load
+    is within the largest single key's frequency of every other's. Keys the data never
+    show carry no mass: they are dealt to the experts with the fewest keys, so unseen ids
+    spread out instead of all joining the lightest expert. Keys of equal frequency are taken
+    in a seeded random order, so each seed gives its own map."""
     generator = torch.Generator().manual_seed(seed)
     shuffled_K = torch.randperm(frequency_K.numel(), generator=generator)
     order = shuffled_K[torch.argsort(frequency_K[shuffled_K].double(), descending=True, stable=True)]
     tie_rank = torch.randperm(num_experts, generator=generator).tolist()
-    heap = [(0.0, 0, tie_rank[e], e) for e in range(num_experts)]
+    by_load = [(0.0, 0, tie_rank[e], e) for e in range(num_experts)]
     expert_of_key = torch.empty(frequency_K.numel(), dtype=torch.long)
-    for key, mass in zip(order.tolist(), frequency_K.double()[order].tolist()):
-        load, count, rank, expert = heapq.heappop(heap)
+    masses = frequency_K.double()[order].tolist()
+    seen = sum(mass > 0 for mass in masses)
+    for key, mass in zip(order[:seen].tolist(), masses[:seen]):
+        load, count, rank, expert = heapq.heappop(by_load)
         expert_of_key[key] = expert
-        heapq.heappush(heap, (load + mass, count + 1, rank, expert))
+        heapq.heappush(by_load, (load + mass, count + 1, rank, expert))
+    by_count = [(count, rank, expert) for _, count, rank, expert in by_load]
+    heapq.heapify(by_count)
+    for key in order[seen:].tolist():
+        count, rank, expert = heapq.heappop(by_count)
+        expert_of_key[key] = expert
+        heapq.heappush(by_count, (count + 1, rank, expert))
     return expert_of_key
+
+
+def layer_seed(seed: int, layer_index: int | None) -> int:
+    """One seed per (run seed, layer) pair, distinct across both (seed + layer would give
+    run seed 2's layer 1 the map of run seed 0's layer 3)."""
+    return seed * 1_000_003 + (layer_index or 0)
 
 
 class HashRouter(nn.Module):
@@ -466,7 +486,7 @@ class HashRouter(nn.Module):
     (token ids): the paper's balanced assignment by key frequency in the training data,
     set by `fit_key_frequencies(counts)` before training (the language task does it from
     the training split); until then the map is the uniform one. Each layer draws its own
-    map, from `seed + layer_index`. The map is a buffer, so checkpoints carry it.
+    map, from (`seed`, `layer_index`). The map is a buffer, so checkpoints carry it.
     """
 
     kind = "hash"
@@ -494,6 +514,11 @@ class HashRouter(nn.Module):
             raise ConfigError(f"router.key='{key}' is unknown: pick {', '.join(self.KEYS)}")
         if balance not in self.BALANCES:
             raise ConfigError(f"router.balance='{balance}' is unknown: pick {' or '.join(self.BALANCES)}")
+        if key == "auto" and num_keys is None and vocab_size is None and num_positions is None:
+            raise ConfigError(
+                "router=hash with router.key=auto cannot tell what to hash: the model passes neither vocab_size "
+                "nor num_positions (MoELayer's router_facts); set router.key and router.num_keys"
+            )
         if key == "auto":
             key = "token_id" if vocab_size is not None else "position"
         if balance == "frequency" and key != "token_id":
@@ -513,7 +538,7 @@ class HashRouter(nn.Module):
         if num_keys < 1:
             raise ConfigError(f"router.num_keys={num_keys} must be >= 1")
         self.num_experts, self.key, self.num_keys, self.balance = num_experts, key, num_keys, balance
-        self.seed = seed + (layer_index or 0)
+        self.seed = layer_seed(seed, layer_index)
         self.register_buffer("expert_of_key", balanced_key_map(num_keys, num_experts, self.seed))
 
     @property
