@@ -138,6 +138,14 @@ def test_vit_and_lm_experts_match_the_dense_ffn_for_every_k(tmp_path, k):
     assert all(active_expert_units(layer) == k * 128 for layer in moe_layers(wide))
 
 
+@pytest.mark.parametrize("value", ["wide", 4, True, 12.5])
+def test_a_bad_expert_width_is_one_line(value):
+    from moelab.models.placement import expert_width
+
+    with pytest.raises(ConfigError, match="use match .* dense .* or a width >= 8"):
+        expert_width(value, 128)
+
+
 def test_deepseek_routes_mk_minus_shared_and_matches_the_dense_twin(tmp_path):
     """DeepSeekMoE (Dai et al. 2024): granularity m = 4, one shared expert, top-k = 2:
     2·4 − 1 = 7 routed fine experts, 8 active in all, the dense FFN's width."""
