@@ -59,7 +59,7 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     return jobs
 
 
-def _metric_names(jobs: list[dict[str, Any]], wanted: Sequence[str] | None) -> list[str]:
+def metric_names(jobs: list[dict[str, Any]], wanted: Sequence[str] | None) -> list[str]:
     if wanted:
         return list(wanted)
     names = {name for job in jobs for name in job["metrics"]}
@@ -77,7 +77,7 @@ def summary_table(jobs: list[dict[str, Any]], metrics: Sequence[str] | None = No
     keys: list[str] = []
     for job in jobs:
         keys += [k for k in job["overrides"] if k not in keys]
-    names = _metric_names(jobs, metrics)
+    names = metric_names(jobs, metrics)
     header = ["job", *keys, "status", *names, "reason"]
     rows = []
     for job in jobs:
@@ -133,7 +133,8 @@ def write_summary(sweep_dir: Path, metrics: Sequence[str] | None = None) -> tupl
 class SweepSummary(Callback):
     """Hydra callback: at the end of a multirun, `summary.csv` and `summary.md` (one row per job:
     overrides → status and final metrics from each job's `metrics.json`) in the sweep folder,
-    and the table printed; then exit 1 if any job did not end ok. `metrics`: the columns to
+    and the table printed; then `report.md` with figures (moelab.report: seeds grouped, mean ±
+    std, learning and routing curves); then exit 1 if any job did not end ok. `metrics`: the columns to
     show (default: every metric any job logged)."""
 
     def __init__(self, metrics: Sequence[str] | None = None) -> None:
@@ -151,6 +152,13 @@ class SweepSummary(Callback):
             return
         markdown, jobs = write_summary(sweep_dir, self.metrics)
         print(f"\nSweep summary ({sweep_dir}/summary.csv, summary.md):\n\n{markdown}", flush=True)
+        from moelab.report import write_report  # it imports this module
+
+        try:
+            report = write_report(sweep_dir, self.metrics)
+            print(f"Sweep report with figures: {report}", flush=True)
+        except Exception as error:  # the summary stands; a report failure must not hide it
+            print(f"moelab: warning: no sweep report ({type(error).__name__}: {error})", flush=True)
         failed = [job for job in jobs if job["status"] != OK]
         if failed:
             # Hydra carries on past a failed job and would end the multirun with exit 0.
