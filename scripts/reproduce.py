@@ -1,0 +1,453 @@
+"""Reproduction studies: the MoE literature's findings, re-measured with moelab on the bundled data.
+
+    python scripts/reproduce.py                          # every study, results in docs/results.md
+    python scripts/reproduce.py --study capacity zloss   # some studies (the page keeps the others)
+    python scripts/reproduce.py --seeds 5                # more seeds per setting
+    python scripts/reproduce.py --quick                  # every study end to end in minutes (a smoke run)
+
+Each study runs `train.py -m` multiruns (so every job is a normal moelab run, with its
+metrics.json, TensorBoard events and a sweep report), then writes its section of
+`docs/results.md` (figures in `docs/results/`): the paper's claim, the command, seeds and
+steps, a table of mean ± std over seeds and what the numbers say. Sweeps land in
+`outputs/reproduce/<study>/<sweep>/`; a study whose folders exist is not rerun unless
+`--rerun`. `--quick` shortens every run and grid and writes to `outputs/reproduce_quick/`
+instead, leaving docs/ alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from moelab.report import group_jobs, read_scalars, spread, write_report  # noqa: E402
+from moelab.sweep import collect_jobs  # noqa: E402
+
+ROUTERS = sorted(p.stem for p in (ROOT / "conf" / "router").glob("*.yaml"))
+COMMON = ["callbacks.progress=null"]
+# Short LM schedule: 300 steps of 32 × 128 bytes (the experiment's own is 1000).
+LM = ["experiment=lm_pystdlib", "data.train_steps_per_epoch=100", "trainer.max_epochs=3"]
+# 8×8 digits as 64 patches of one pixel: four times the default ViT's 16 tokens per image.
+PATCH1 = ["model.patch_size=1"]
+QUICK = ["trainer=debug", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+         "trainer.limit_test_batches=1", "trainer.log_every_n_steps=1"]
+QUICK_LM = ["data.seq_len=32", "data.batch_size=4", "data.max_bytes=200000", "model.d_model=32", "model.ffn_hidden=64",
+            "model.depth=2", "model.num_heads=2", "task.sample_tokens=4"]
+
+
+@dataclass
+class Sweep:
+    """One multirun: fixed overrides plus axes (key → values), crossed with the seeds."""
+
+    name: str
+    fixed: list[str]
+    axes: dict[str, list[str]] = field(default_factory=dict)
+    language: bool = False
+    source: str | None = None  # "<study>/<sweep>": read that study's runs instead of running
+    pick: dict[str, str] = field(default_factory=dict)  # the job to read: overrides it must have
+
+    def arguments(self, seeds: int, quick: bool) -> list[str]:
+        axes = {k: (v[:2] if quick else v) for k, v in self.axes.items()}
+        args = [*self.fixed, *COMMON, *(f"{k}={','.join(v)}" for k, v in axes.items())]
+        if quick:
+            args += QUICK + (QUICK_LM if self.language else [])
+        return ["-m", *args, f"seed={','.join(str(s) for s in range(seeds))}"]
+
+
+@dataclass
+class Study:
+    name: str
+    title: str
+    claim: str
+    sweeps: list[Sweep]
+    metrics: list[str]
+    seeds: int = 3
+    extra: Callable[["Context"], list[str]] | None = None  # more Markdown from the runs
+
+
+@dataclass
+class Context:
+    study: Study
+    folders: dict[str, Path]  # sweep name → multirun folder
+    figures: Path  # where this page's figures go
+    quick: bool
+
+
+def last_layer_mean(job_dir: Path, name: str) -> float | None:
+    """The last logged value of `moe/layer<i>/<name>`, averaged over MoE layers."""
+    scalars = read_scalars(job_dir)
+    values = [points[-1][1] for tag, points in scalars.items() if tag.startswith("moe/layer") and tag.endswith(f"/{name}")]
+    return sum(values) / len(values) if values else None
+
+
+def routing_table(context: Context, names: dict[str, str]) -> list[str]:
+    """Mean ± std over seeds of the final per-layer routing statistics `names` (tag → header)."""
+    lines = []
+    for sweep, folder in context.folders.items():
+        jobs = collect_jobs(folder)
+        for job in jobs:
+            for tag in names:
+                job["metrics"][f"final {tag}"] = last_layer_mean(folder / job["job"], tag)
+        groups = group_jobs(jobs)
+        header = [*groups[0].varying, *names.values()]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for group in groups:
+            cells = [group.overrides.get(k, "") for k in group.varying]
+            cells += [str(spread([j["metrics"][f"final {tag}"] for j in group.jobs])) for tag in names]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def values_by_group(context: Context, sweep: str, metric: str) -> dict[str, list[float]]:
+    """Group label (the varying overrides, or "all") → the metric's values over seeds; a
+    `final <tag>` metric reads the last logged per-layer value (mean over layers)."""
+    out = {}
+    for group in group_jobs(collect_jobs(context.folders[sweep])):
+        values = []
+        for job in group.jobs:
+            if metric.startswith("final "):
+                value = last_layer_mean(context.folders[sweep] / job["job"], metric.removeprefix("final "))
+            else:
+                value = job["metrics"].get(metric)
+            if value is not None:
+                values.append(float(value))
+        out[" ".join(group.overrides.get(k, "") for k in group.varying) or "all"] = values
+    return out
+
+
+def compare(a: list[float], b: list[float]) -> tuple[float, str]:
+    """mean(a) − mean(b) and whether it exceeds two standard errors (Welch's, sample variances)."""
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return diff, "one seed: no error bar"
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    verdict = "beyond 2 standard errors" if abs(diff) > 2 * se else "within 2 standard errors (noise)"
+    return diff, f"{verdict}, SE {se:.2g}"
+
+
+def fmt(values: list[float]) -> str:
+    return str(spread(values))
+
+
+def verdict_moe_vs_dense(c: Context) -> list[str]:
+    bpb = values_by_group(c, "lm", "val/bpb")
+    moe, dense = bpb["2"], bpb["0"]
+    diff, how = compare(moe, dense)
+    holds = "agrees with the claim" if diff < 0 and "beyond" in how else "does not show the claim at this scale"
+    return [f"**Measured.** val bpb MoE {fmt(moe)} vs dense {fmt(dense)}: MoE − dense = {diff:+.4f} ({how}). "
+            f"This {holds}.", ""]
+
+
+def verdict_expert_scaling(c: Context) -> list[str]:
+    dense = values_by_group(c, "dense", "val/bpb")["all"]
+    by_e = values_by_group(c, "experts", "val/bpb")
+    order = sorted(by_e, key=int)
+    means = [statistics.fmean(by_e[e]) for e in order]
+    falls = all(b <= a for a, b in zip(means, means[1:]))
+    text = ", ".join(f"E={e}: {m:.4f}" for e, m in zip(order, means))
+    return [f"**Measured.** val bpb dense {statistics.fmean(dense):.4f}; {text}. The loss "
+            f"{'falls with every doubling of E' if falls else 'does not fall monotonically with E'} "
+            "(one seed per point: compare the gaps with the seed spread in the MoE-vs-dense study).", ""]
+
+
+def verdict_balance(c: Context) -> list[str]:
+    load = values_by_group(c, "weight", "final load_max_over_mean")
+    acc = values_by_group(c, "weight", "val/acc")
+    d_acc, how = compare(acc["0.01"], acc["0"])
+    return [f"**Measured.** final load max/mean without the loss {fmt(load['0'])}, at 0.01 {fmt(load['0.01'])}, "
+            f"at 0.1 {fmt(load['0.1'])}; val/acc at 0.01 minus at 0: {d_acc:+.4f} ({how}).", ""]
+
+
+def verdict_zloss(c: Context) -> list[str]:
+    z = values_by_group(c, "weight", "final router_z")
+    acc = values_by_group(c, "weight", "val/acc")
+    d_acc, how = compare(acc["0.001"], acc["0"])
+    return [f"**Measured.** final router z without z-loss {fmt(z['0'])}, at 0.001 {fmt(z['0.001'])}, at 0.01 "
+            f"{fmt(z['0.01'])}; val/acc at 0.001 minus at 0: {d_acc:+.4f} ({how}).", ""]
+
+
+def verdict_capacity(c: Context) -> list[str]:
+    dropped = values_by_group(c, "factor", "final dropped_fraction")
+    acc = values_by_group(c, "factor", "val/acc")
+    d_acc, how = compare(acc["null"], acc["0.5"])
+    return [f"**Measured.** dropped fraction at cf 0.5 {fmt(dropped['0.5'])}, 1.25 {fmt(dropped['1.25'])}, "
+            f"dropless {fmt(dropped['null'])}; val/acc dropless minus cf 0.5: {d_acc:+.4f} ({how}).", ""]
+
+
+def verdict_routers(c: Context) -> list[str]:
+    acc = values_by_group(c, "routers", "val/acc")
+    twin = values_by_group(c, "dense_twin", "val/acc")["all"]
+    ranked = sorted(acc, key=lambda r: -statistics.fmean(acc[r]))
+    lines = ["**Measured.** Ranked by mean val/acc: " + ", ".join(f"{r} {statistics.fmean(acc[r]):.4f}" for r in ranked)
+             + f"; dense twin {statistics.fmean(twin):.4f}."]
+    for router in ("soft", "expert_choice", "noisy_topk"):
+        diff, how = compare(acc[router], acc["topk"])
+        lines.append(f"{router} − topk: {diff:+.4f} ({how}).")
+    return [" ".join(lines), ""]
+
+
+def verdict_noisy(c: Context) -> list[str]:
+    acc = values_by_group(c, "losses", "val/acc")
+    topk = values_by_group(c, "topk", "val/acc")["all"]
+    parts = []
+    for loss, values in acc.items():
+        diff, how = compare(values, topk)
+        parts.append(f"with loss={loss}: {fmt(values)}, minus topk {diff:+.4f} ({how})")
+    return ["**Measured.** noisy_topk " + "; ".join(parts) + f". topk: {fmt(topk)}.", ""]
+
+
+def verdict_soft(c: Context) -> list[str]:
+    soft = values_by_group(c, "soft", "val/acc")
+    topk = values_by_group(c, "topk", "val/acc")["all"]
+    dense = values_by_group(c, "dense", "val/acc")["all"]
+    parts = [f"soft, {p} slot(s) per expert: {fmt(v)} (minus topk {compare(v, topk)[0]:+.4f}, {compare(v, topk)[1]})"
+             for p, v in soft.items()]
+    return [f"**Measured** at 64 tokens per image: " + "; ".join(parts) + f"; topk {fmt(topk)}; dense twin {fmt(dense)}.", ""]
+
+
+def both(*parts: Callable[[Context], list[str]]) -> Callable[[Context], list[str]]:
+    """The parts' lines in turn; a part that lacks its settings says so and the rest go on."""
+
+    def run(c: Context) -> list[str]:
+        lines = []
+        for part in parts:
+            try:
+                lines += part(c)
+            except (KeyError, statistics.StatisticsError) as missing:
+                lines += [f"*(No verdict: this run lacks the setting or values it compares: {missing}.)*", ""]
+        return lines
+
+    return run
+
+
+def copy_figure(context: Context, sweep: str, figure: str, caption: str) -> list[str]:
+    source = context.folders[sweep] / "report" / figure
+    if not source.exists():
+        return [f"*(figure {figure} not produced by this run)*", ""]
+    target = context.figures / f"{context.study.name}_{sweep}_{figure}"
+    shutil.copyfile(source, target)
+    return [f"![{caption}](results/{target.name})", ""]
+
+
+def specialisation_images(context: Context) -> list[str]:
+    """The class × expert (ViT) and token category × expert (LM) heatmaps of the first job."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lines = []
+    for sweep, folder in context.folders.items():
+        pick = next(s.pick for s in context.study.sweeps if s.name == sweep)
+        jobs = collect_jobs(folder)
+        job = next((j for j in jobs if pick.items() <= j["overrides"].items()), jobs[0])
+        job_dir = folder / job["job"]
+        lines += [f"From `{folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder}` job {job['job']} "
+                  f"({' '.join(f'{k}={v}' for k, v in job['overrides'].items())}):", ""]
+        for events_dir in sorted({p.parent for p in job_dir.rglob("events.out.tfevents*")}):
+            events = EventAccumulator(str(events_dir), size_guidance={"images": 0})
+            events.Reload()
+            for tag in sorted(events.Tags().get("images", [])):
+                if not tag.endswith(("expert_class", "expert_token_category")):
+                    continue
+                image = events.Images(tag)[-1]
+                target = context.figures / f"{context.study.name}_{sweep}_{tag.replace('/', '_')}.png"
+                target.write_bytes(image.encoded_image_string)
+                lines += [f"{sweep}, `{tag}` at step {image.step}:", "", f"![{tag}](results/{target.name})", ""]
+    return lines
+
+
+def run_sweep(sweep: Sweep, folder: Path, seeds: int, quick: bool) -> str:
+    args = [sys.executable, "train.py", *sweep.arguments(seeds, quick), f"hydra.sweep.dir={folder}"]
+    start = time.perf_counter()
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    minutes = (time.perf_counter() - start) / 60
+    status = "ok" if result.returncode == 0 else f"exit {result.returncode}: {result.stderr.strip().splitlines()[-1:]}"
+    print(f"  {sweep.name}: {minutes:.1f} min, {status}", flush=True)
+    if not folder.is_dir():
+        raise SystemExit(f"moelab: error: the {sweep.name} sweep made no folder: {result.stderr.strip()[-500:]}")
+    if not (folder / "report.md").exists():
+        write_report(folder)
+    return " ".join(["python train.py", *sweep.arguments(seeds, quick)])
+
+
+def study_section(study: Study, context: Context, commands: list[str], steps: str) -> str:
+    lines = [f"## {study.title}", "", f"**Claim.** {study.claim}", ""]
+    if commands:
+        lines += ["```bash", *commands, "```", "", f"Seeds: {context_seeds(context)}. {steps}", ""]
+    sourced = sorted({s.source.split("/")[0] for s in study.sweeps if s.source})
+    if sourced:
+        lines += ["Reads the runs of the " + " and ".join(f"`{name}`" for name in sourced) + " studies above.", ""]
+    for sweep, folder in context.folders.items() if study.metrics else ():
+        jobs = collect_jobs(folder)
+        groups = group_jobs(jobs)
+        header = [*groups[0].varying, "n", *study.metrics]
+        lines += [f"`{sweep}`:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for group in groups:
+            cells = [group.overrides.get(k, "") for k in group.varying] + [str(len(group.jobs))]
+            cells += [str(spread([j["metrics"].get(m) for j in group.jobs])) for m in study.metrics]
+            lines.append("| " + " | ".join(cells) + " |")
+        failed = [j["job"] for j in jobs if j["status"] != "ok"]
+        if failed:
+            lines.append(f"\nJobs that did not end ok: {', '.join(failed)} (see {folder}/summary.md).")
+        lines.append("")
+    if study.extra is not None:
+        try:
+            lines += study.extra(context)
+        except (KeyError, statistics.StatisticsError) as missing:  # quick grids, or a setting with no finished job
+            lines += [f"*(No verdict: this run lacks the setting or values it compares: {missing}.)*", ""]
+    return "\n".join(lines)
+
+
+def context_seeds(context: Context) -> str:
+    seeds = sorted({j["overrides"].get("seed", "0") for f in context.folders.values() for j in collect_jobs(f)}, key=int)
+    return ", ".join(seeds)
+
+
+STUDIES = [
+    Study(
+        "moe_vs_dense", "MoE vs the dense twin at equal active FLOPs (LM)",
+        "At equal compute per token, a sparse MoE reaches a lower loss than its dense twin "
+        "(Shazeer et al. 2017; Fedus et al. 2021, Switch, Fig. 1).",
+        [Sweep("lm", LM, {"model.moe_every": ["0", "2"]}, language=True)],
+        ["val/bpb", "test/bpb"],
+        extra=both(verdict_moe_vs_dense, lambda c: copy_figure(c, "lm", "curve_val_bpb.png", "validation bits per byte")),
+    ),
+    Study(
+        "expert_scaling", "More experts at fixed active FLOPs (LM)",
+        "With active compute fixed, loss falls as the number of experts grows, with diminishing "
+        "returns (Fedus et al. 2021, Fig. 4; Clark et al. 2022).",
+        [Sweep("dense", [*LM, "model.moe_every=0"], language=True),
+         Sweep("experts", LM, {"experts": ["4", "8", "16", "32"]}, language=True)],
+        ["val/bpb", "test/bpb"], seeds=1, extra=verdict_expert_scaling,
+    ),
+    Study(
+        "balance_loss", "The load-balancing loss (ViT)",
+        "The auxiliary balance loss evens out expert load at little cost in quality; without it "
+        "routing is imbalanced or collapses (Fedus et al. 2021, sec. 2.2).",
+        [Sweep("weight", ["loss=balance"], {"loss.balance": ["0", "0.001", "0.01", "0.1"]})],
+        ["val/acc", "test/acc"],
+        extra=both(lambda c: ["Final load per layer (mean over MoE layers of the last logged value):", "",
+                              *routing_table(c, {"load_max_over_mean": "load max/mean", "load_cv": "load CV"}),
+                              *copy_figure(c, "weight", "routing_load_max_over_mean.png", "load max/mean per layer")],
+                   verdict_balance),
+    ),
+    Study(
+        "zloss", "The router z-loss (ViT)",
+        "The z-loss keeps router logits small without hurting quality (Zoph et al. 2022, ST-MoE, sec. 3.3).",
+        [Sweep("weight", ["loss=balance_zloss"], {"loss.zloss": ["0", "0.001", "0.01"]})],
+        ["val/acc", "test/acc"],
+        extra=both(lambda c: ["Final router z = mean (logsumexp h)² (mean over MoE layers):", "",
+                              *routing_table(c, {"router_z": "router z", "router_entropy": "router entropy"})],
+                   verdict_zloss),
+    ),
+    Study(
+        "capacity", "Capacity factor of Switch top-1 (ViT)",
+        "Raising the training capacity factor drops fewer tokens and improves quality, with "
+        "diminishing returns (Fedus et al. 2021, Table 1).",
+        [Sweep("factor", ["router=switch"], {"router.capacity_factor": ["0.5", "1.0", "1.25", "2.0", "null"]})],
+        ["val/acc", "test/acc"],
+        extra=both(lambda c: ["Final share of assignments dropped in training (mean over MoE layers):", "",
+                              *routing_table(c, {"dropped_fraction": "dropped fraction"})],
+                   verdict_capacity),
+    ),
+    Study(
+        "routers_vit", "Every router on the ViT",
+        "Each router trains; the papers report Soft MoE, expert choice and balanced routers at or "
+        "above top-k (Puigcerver et al. 2023; Zhou et al. 2022).",
+        [Sweep("routers", [], {"router": ROUTERS}), Sweep("dense_twin", ["model.moe_every=0"])],
+        ["val/acc", "test/acc", "val/loss"], extra=verdict_routers,
+    ),
+    Study(
+        "noisy_topk", "Why noisy top-k trails (ViT)",
+        "Noisy top-k with its own importance and load losses trains as well as top-k (Shazeer et al. 2017).",
+        [Sweep("losses", ["router=noisy_topk"], {"loss": ["balance_zloss", "importance_load", "none"]}),
+         Sweep("topk", ["router=topk"], {"loss": ["balance_zloss"]})],
+        ["val/acc", "test/acc", "val/loss"], extra=verdict_noisy,
+    ),
+    Study(
+        "soft_moe_tokens", "Soft MoE with more tokens per image (ViT, patch size 1)",
+        "Soft MoE beats token-choice routers when a sequence has many tokens per slot "
+        "(Puigcerver et al. 2023); the default ViT has only 16 patches.",
+        [Sweep("soft", [*PATCH1, "router=soft"], {"router.slots_per_expert": ["1", "8"]}),
+         Sweep("topk", [*PATCH1, "router=topk"]),
+         Sweep("dense", [*PATCH1, "model.moe_every=0"])],
+        ["val/acc", "test/acc", "val/loss"], seeds=2, extra=verdict_soft,
+    ),
+    Study(
+        "specialisation", "What experts specialise in",
+        "Experts specialise: by token type in language models and by class in vision (Shazeer et al. "
+        "2017; Riquelme et al. 2021, V-MoE; Jiang et al. 2024, Mixtral sec. 5).",
+        [Sweep("vit", [], source="routers_vit/routers", pick={"router": "topk", "seed": "0"}),
+         Sweep("lm", LM, language=True, source="moe_vs_dense/lm", pick={"model.moe_every": "2", "seed": "0"})],
+        [], seeds=1, extra=specialisation_images,
+    ),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", nargs="*", choices=[s.name for s in STUDIES], help="studies to run (default: all)")
+    parser.add_argument("--seeds", type=int, help="seeds per setting (default: each study's own, 3 for most)")
+    parser.add_argument("--quick", action="store_true", help="tiny runs and grids, written outside docs/")
+    parser.add_argument("--rerun", action="store_true", help="run studies whose sweep folders already exist")
+    parser.add_argument("--out", type=Path, help="folder for the sweeps (default: outputs/reproduce[_quick])")
+    args = parser.parse_args()
+    out = args.out or ROOT / "outputs" / ("reproduce_quick" if args.quick else "reproduce")
+    docs = out / "docs" if args.quick else ROOT / "docs"
+    figures = docs / "results"
+    if args.quick and out.exists():
+        shutil.rmtree(out)
+    figures.mkdir(parents=True, exist_ok=True)
+    chosen = [s for s in STUDIES if not args.study or s.name in args.study]
+    sections_file = out / "sections.json"
+    sections = json.loads(sections_file.read_text()) if sections_file.exists() else {}
+    for study in chosen:
+        seeds = 1 if args.quick else (args.seeds or study.seeds)
+        print(f"{study.name} ({seeds} seed{'s' * (seeds > 1)}):", flush=True)
+        folders, commands = {}, []
+        for sweep in study.sweeps:
+            if sweep.source is not None:  # another study's runs
+                folders[sweep.name] = out / sweep.source
+                if not folders[sweep.name].is_dir():
+                    raise SystemExit(f"moelab: error: {study.name} reads {sweep.source}: run its study first")
+                continue
+            folder = out / study.name / sweep.name
+            if args.rerun and folder.exists():
+                shutil.rmtree(folder)
+            if folder.exists():
+                print(f"  {sweep.name}: kept from an earlier run ({folder})", flush=True)
+                commands.append(" ".join(["python train.py", *sweep.arguments(seeds, args.quick)]))
+            else:
+                commands.append(run_sweep(sweep, folder, seeds, args.quick))
+            folders[sweep.name] = folder
+        steps = ("Quick mode: 3 training steps per run." if args.quick else
+                 "LM runs: 300 steps of 32 × 128 bytes; ViT runs: the default 30 epochs × 20 steps.")
+        context = Context(study, folders, figures, args.quick)
+        sections[study.name] = study_section(study, context, commands, steps)
+        sections_file.write_text(json.dumps(sections, indent=1))
+    page = [
+        "# Results: the MoE literature's findings, re-measured on the bundled data",
+        "",
+        "Every number below comes from `python scripts/reproduce.py` (2 CPU cores); each table is mean ± "
+        "sample std over seeds (n runs). Studies not yet run say so.",
+        "",
+    ]
+    for study in STUDIES:
+        page.append(sections.get(study.name, f"## {study.title}\n\nNot run yet: `python scripts/reproduce.py --study {study.name}`.\n"))
+        page.append("")
+    (docs / "results.md").write_text("\n".join(page))
+    print(f"wrote {docs / 'results.md'}")
+
+
+if __name__ == "__main__":
+    main()

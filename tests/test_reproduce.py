@@ -1,0 +1,32 @@
+"""scripts/reproduce.py --quick: every study end to end on tiny runs, its page assembled."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from matplotlib.image import imread
+
+from .conftest import ROOT
+
+
+def test_quick_reproduction_runs_every_study_and_writes_the_page(tmp_path):
+    result = subprocess.run([sys.executable, "scripts/reproduce.py", "--quick", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exit " not in result.stdout, result.stdout  # every sweep ended ok
+    page = (tmp_path / "docs" / "results.md").read_text()
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from reproduce import STUDIES
+
+    for study in STUDIES:
+        section = page.split(f"## {study.title}")[1].split("\n## ")[0]
+        assert "**Claim.**" in section and "Not run yet" not in section, study.name
+        if study.metrics:  # a study of its own runs (specialisation reads the others')
+            assert "python train.py -m" in section, study.name
+            assert re.search(r"\| \S.* \(n=1\) \|", section), f"{study.name}: no table of results"
+    figures = re.findall(r"\]\(results/([^)]+)\)", page)
+    assert any("expert_class" in f for f in figures) and any("expert_token_category" in f for f in figures)
+    for name in figures:
+        assert imread(tmp_path / "docs" / "results" / name).shape[0] > 100
