@@ -61,8 +61,9 @@ def test_ddp_inside_a_multirun_runs_each_job_once_in_its_folder(tmp_path):
         "trainer.max_epochs=1", "test=false", *LIMITS,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != "report")  # report/: the sweep report's figures
     assert jobs == ["0", "1"], jobs  # no rank started a sweep of its own
+    assert (sweep / "report.md").is_file()  # one report, written by the launching process
     for job, experts in (("0", 4), ("1", 8)):
         folder = sweep / job
         assert (folder / "metrics.json").exists() and (folder / "train_ddp_process_1.log").exists()
