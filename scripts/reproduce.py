@@ -426,6 +426,7 @@ def main() -> None:
                 shutil.rmtree(folder)
             if folder.exists():
                 print(f"  {sweep.name}: kept from an earlier run ({folder})", flush=True)
+                write_report(folder)  # jobs may have been resumed or rerun since
                 commands.append(" ".join(["python train.py", *sweep.arguments(seeds, args.quick)]))
             else:
                 commands.append(run_sweep(sweep, folder, seeds, args.quick))
