@@ -17,6 +17,7 @@ instead, leaving docs/ alone.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shutil
@@ -84,9 +85,15 @@ class Context:
     quick: bool
 
 
+@functools.lru_cache(maxsize=None)
+def job_scalars(job_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """A job's TensorBoard scalars, read once per job however many statistics use them."""
+    return read_scalars(job_dir)
+
+
 def last_layer_mean(job_dir: Path, name: str) -> float | None:
     """The last logged value of `moe/layer<i>/<name>`, averaged over MoE layers."""
-    scalars = read_scalars(job_dir)
+    scalars = job_scalars(job_dir)
     values = [points[-1][1] for tag, points in scalars.items() if tag.startswith("moe/layer") and tag.endswith(f"/{name}")]
     return sum(values) / len(values) if values else None
 
@@ -162,28 +169,30 @@ def verdict_expert_scaling(c: Context) -> list[str]:
             "(one seed per point: compare the gaps with the seed spread in the MoE-vs-dense study).", ""]
 
 
-def verdict_balance(c: Context) -> list[str]:
-    load = values_by_group(c, "weight", "final load_max_over_mean")
-    acc = values_by_group(c, "weight", "val/acc")
-    d_acc, how = compare(acc["0.01"], acc["0"])
-    return [f"**Measured.** final load max/mean without the loss {fmt(load['0'])}, at 0.01 {fmt(load['0.01'])}, "
-            f"at 0.1 {fmt(load['0.1'])}; val/acc at 0.01 minus at 0: {d_acc:+.4f} ({how}).", ""]
+def verdict_statistic(sweep: str, statistic: str, shown: dict[str, str], better: str, worse: str,
+                      quality: str) -> Callable[[Context], list[str]]:
+    """A routing statistic's final value at the `shown` settings (setting → words), and
+    val/acc at `better` minus at `worse`, described as `quality`."""
+
+    def verdict(c: Context) -> list[str]:
+        values = values_by_group(c, sweep, f"final {statistic}")
+        acc = values_by_group(c, sweep, "val/acc")
+        d_acc, how = compare(acc[better], acc[worse])
+        at = ", ".join(f"{words} {fmt(values[setting])}" for setting, words in shown.items())
+        return [f"**Measured.** {at}; {quality}: {d_acc:+.4f} ({how}).", ""]
+
+    return verdict
 
 
-def verdict_zloss(c: Context) -> list[str]:
-    z = values_by_group(c, "weight", "final router_z")
-    acc = values_by_group(c, "weight", "val/acc")
-    d_acc, how = compare(acc["0.001"], acc["0"])
-    return [f"**Measured.** final router z without z-loss {fmt(z['0'])}, at 0.001 {fmt(z['0.001'])}, at 0.01 "
-            f"{fmt(z['0.01'])}; val/acc at 0.001 minus at 0: {d_acc:+.4f} ({how}).", ""]
-
-
-def verdict_capacity(c: Context) -> list[str]:
-    dropped = values_by_group(c, "factor", "final dropped_fraction")
-    acc = values_by_group(c, "factor", "val/acc")
-    d_acc, how = compare(acc["null"], acc["0.5"])
-    return [f"**Measured.** dropped fraction at cf 0.5 {fmt(dropped['0.5'])}, 1.25 {fmt(dropped['1.25'])}, "
-            f"dropless {fmt(dropped['null'])}; val/acc dropless minus cf 0.5: {d_acc:+.4f} ({how}).", ""]
+verdict_balance = verdict_statistic(
+    "weight", "load_max_over_mean", {"0": "final load max/mean without the loss", "0.01": "at 0.01", "0.1": "at 0.1"},
+    "0.01", "0", "val/acc at 0.01 minus at 0")
+verdict_zloss = verdict_statistic(
+    "weight", "router_z", {"0": "final router z without z-loss", "0.001": "at 0.001", "0.01": "at 0.01"},
+    "0.001", "0", "val/acc at 0.001 minus at 0")
+verdict_capacity = verdict_statistic(
+    "factor", "dropped_fraction", {"0.5": "dropped fraction at cf 0.5", "1.25": "1.25", "null": "dropless"},
+    "null", "0.5", "val/acc dropless minus cf 0.5")
 
 
 def verdict_routers(c: Context) -> list[str]:
