@@ -71,10 +71,15 @@ def token_choice_routing(
         context=context,
     )
 
+    def row_layout(order_A: Tensor, row_sorted_A: Tensor) -> Tensor:
+        """The grouped row of each (token, choice), from the rows of the sorted assignments."""
+        return to_token_layout(torch.empty_like(row_sorted_A).scatter(0, order_A, row_sorted_A))
+
     if capacity is None:
         order_A = torch.argsort(expert_A, stable=True)
         rows_E = torch.zeros(num_experts, dtype=torch.long, device=device)
         rows_E.scatter_add_(0, expert_A, torch.ones_like(expert_A))
+        common["row_TK"] = row_layout(order_A, torch.arange(order_A.numel(), device=device))
         if active_A is None:
             return Routing(
                 token_index_N=token_A[order_A],
@@ -119,6 +124,7 @@ def token_choice_routing(
         tokens_per_expert_E=kept_E,
         kept_TK=to_token_layout(kept_A),
         valid_N=torch.arange(spare, device=device) % capacity < kept_E.repeat_interleave(capacity),
+        row_TK=row_layout(order_A, slot_A),
         **common,
     )
 

@@ -190,6 +190,10 @@ class MoELayer(nn.Module):
         """x: (B, L, D) or (T, D); token_ids: (B, L) ids for routers that hash them."""
         x_TD = x.reshape(-1, x.shape[-1])
         plan = self.router(x_TD, RoutingContext.for_input(x, token_ids))
+        # Under autocast the experts compute in its dtype: cast the T tokens once, before
+        # they are copied k times (the router above still sees them in full precision).
+        if torch.is_autocast_enabled(x.device.type):
+            x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         x_ND, group_sizes_E = plan.dispatch(x_TD)
         if self.expert_exchange is None:
             y_ND = self.experts(x_ND, group_sizes_E)

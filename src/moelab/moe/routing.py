@@ -36,6 +36,35 @@ class RoutingContext:
         return RoutingContext(num_sequences, seq_len, ids)
 
 
+# Token-choice plans move rows by gathers (`Routing.row_TK`). False sends every plan through
+# the generic index + scatter-add path; the benchmarks flip it to compare the two.
+GATHER_ROWS = True
+
+
+class _GatherRows(torch.autograd.Function):
+    """out_MD = source_RD[index_M], whose backward is a gather as well.
+
+    Autograd's backward of an index is a scatter-add (atomics, or a sort on CUDA). Here the
+    caller knows, for every source row r, the output rows copied from it: `back_RJ[r]`
+    (J of them at most; the value M marks "none" when `missing` is set). The gradient of
+    row r is then the sum of J gathered rows of the output gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, source_RD: Tensor, index_M: Tensor, back_RJ: Tensor, missing: bool) -> Tensor:
+        ctx.save_for_backward(back_RJ)
+        ctx.missing = missing
+        return source_RD[index_M]
+
+    @staticmethod
+    def backward(ctx, grad_MD: Tensor):
+        (back_RJ,) = ctx.saved_tensors
+        if ctx.missing:
+            grad_MD = torch.cat([grad_MD, grad_MD.new_zeros(1, grad_MD.shape[1])])
+        grad_RJD = grad_MD[back_RJ]
+        return grad_RJD.sum(1) if back_RJ.shape[1] > 1 else grad_RJD.squeeze(1), None, None, None
+
+
 @dataclass
 class Routing:
     """Where every token goes, for one MoE layer and one batch.
@@ -57,6 +86,9 @@ class Routing:
     valid_N:             which grouped rows are real (None: all are).
     load_estimate_E:     differentiable expected load (noisy top-k's estimator), if any.
     context:             the (B, L) shape and ids the tokens came from.
+    row_TK:              the grouped row of each token's k-th choice, N where it has none
+                         (dropped). Token-choice plans set it; `dispatch` and `combine` then
+                         move rows by gathers alone, forward and backward (see `_GatherRows`).
     """
 
     token_index_N: Tensor
@@ -71,6 +103,7 @@ class Routing:
     valid_N: Tensor | None = None
     load_estimate_E: Tensor | None = None
     context: RoutingContext | None = None
+    row_TK: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -87,14 +120,38 @@ class Routing:
 
     def dispatch(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         """Tokens grouped by expert, (N, D), and the rows per expert, (E,). Local, no comms."""
-        return x_TD[self.token_index_N], self.group_sizes_E
+        if self.row_TK is None or not GATHER_ROWS:
+            return x_TD[self.token_index_N], self.group_sizes_E
+        # Backward: each token's gradient is the sum of its k rows' gradients, gathered.
+        return _GatherRows.apply(x_TD, self.token_index_N, self.row_TK, self.kept_TK is not None), self.group_sizes_E
 
     def combine(self, y_ND: Tensor) -> Tensor:
-        """Weighted sum of each token's expert outputs, (T, D), accumulated in fp32 (k rows,
-        E for dense gating, per token); a token with no kept row gets 0."""
-        weighted_ND = y_ND.float() * self.combine_weight_N.unsqueeze(-1).float()
-        out_TD = weighted_ND.new_zeros(self.num_tokens, y_ND.shape[-1])
-        return out_TD.index_add(0, self.token_index_N, weighted_ND).to(y_ND.dtype)
+        """Weighted sum of each token's expert outputs, (T, D); a token with no kept row gets 0.
+
+        Token-choice plans gather each token's k rows and sum them weighted, in y's dtype
+        (the sum accumulates in fp32 and rounds once).
+        Other plans (expert choice: any number of rows per token) scatter-add in fp32.
+        """
+        if self.row_TK is None or not GATHER_ROWS:
+            weighted_ND = y_ND.float() * self.combine_weight_N.unsqueeze(-1).float()
+            out_TD = weighted_ND.new_zeros(self.num_tokens, y_ND.shape[-1])
+            return out_TD.index_add(0, self.token_index_N, weighted_ND).to(y_ND.dtype)
+        rows, (num_tokens, top_k) = y_ND.shape[0], self.row_TK.shape
+        dropped = self.kept_TK is not None
+        # A dropped choice reads some real row and gets weight 0 (no gradient reaches it).
+        row_TK = self.row_TK.clamp(max=rows - 1) if dropped else self.row_TK
+        weight_TK = self.combine_weight_N[row_TK]
+        if dropped:
+            weight_TK = torch.where(self.row_TK < rows, weight_TK, torch.zeros_like(weight_TK))
+        # For the backward: the (token, choice) each row serves, T·K for padding rows.
+        choices = num_tokens * top_k
+        choice_N = torch.full((rows + 1,), choices, dtype=torch.long, device=y_ND.device)
+        choice_N = choice_N.scatter(0, self.row_TK.reshape(-1), torch.arange(choices, device=y_ND.device))[:rows]
+        y_TKD = _GatherRows.apply(y_ND, row_TK.reshape(-1), choice_N.unsqueeze(1), self.valid_N is not None)
+        # An elementwise product and a sum over k (fp32 accumulation inside the sum): a batched
+        # matmul here is T products of (1, k) x (k, D), which cuBLAS runs as slow gemv kernels.
+        y_TKD = y_TKD.view(num_tokens, top_k, -1)
+        return (y_TKD * weight_TK.to(y_ND.dtype).unsqueeze(-1)).sum(1)
 
     def expert_index_N(self) -> Tensor:
         """The expert each grouped row belongs to."""
