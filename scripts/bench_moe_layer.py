@@ -3,10 +3,19 @@
     python scripts/bench_moe_layer.py                 # GPU: T=16384, d=1024, bf16; CPU: a small shape, fp32
     python scripts/bench_moe_layer.py --tokens 2048 --d-model 256 --scale 8
 
-Columns, all measured in one run on one device: dense SwiGLU (hidden k·F), moelab top-k
-(dropless, grouped matmul), Hugging Face's MixtralSparseMoeBlock (if `transformers` is
-installed), moelab expert choice and Soft MoE at the same active FLOPs (k·T expert rows).
-Reported as milliseconds and as dense_ms / layer_ms (1.0 = as fast as dense).
+Columns, all measured in one run on one device: dense SwiGLU (hidden k·F); moelab top-k
+(dropless, grouped matmul); the same layer with every plan on the generic index +
+scatter-add path instead of row gathers (`moelab.moe.routing.GATHER_ROWS = False`); the
+same with parameters in the compute dtype (as HF's column has them; the other moelab
+columns keep fp32 parameters under autocast, as mixed-precision training does); Hugging
+Face's MixtralSparseMoeBlock (if `transformers` is installed); moelab expert choice and
+Soft MoE at the same active FLOPs (k·T expert rows). Each cell: milliseconds, and
+dense_ms / layer_ms in brackets (1.0 = as fast as dense). Gradients are cleared before
+every step, as `zero_grad(set_to_none=True)` does.
+
+    --compile   adds columns: the moelab top-k layer under torch.compile, gather and scatter paths
+    --profile   then profiles the moelab top-k layer on the shape with the lowest dense/moelab
+                ratio (torch.profiler) and prints its top kernels by device time
 """
 
 from __future__ import annotations
@@ -18,34 +27,47 @@ from functools import partial
 
 import torch
 
-from moelab.moe import ExpertChoiceRouter, GroupedExperts, MoELayer, SoftMoERouter, TopKRouter
+from moelab.moe import ExpertChoiceRouter, GroupedExperts, MoELayer, SoftMoERouter, TopKRouter, routing
 from moelab.moe.experts import DenseFFN
 
 # (experts, k, expert hidden F) from the issue: Mixtral-like, fine-grained, very fine-grained.
 CONFIGS = [(8, 2, 2816), (64, 2, 1024), (64, 8, 384)]
 
 
-def hf_mixtral(d_model: int, hidden: int, experts: int, k: int):
+def hf_mixtral(d_model: int, hidden: int, experts: int, k: int, implementation: str):
     try:
         from transformers.models.mixtral.configuration_mixtral import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     except ImportError:
         return None
     config = MixtralConfig(hidden_size=d_model, intermediate_size=hidden, num_local_experts=experts, num_experts_per_tok=k)
+    # transformers >= 5 dispatches the experts by this; a standalone block built from a bare
+    # config gets None, which is its per-expert Python loop ("eager").
+    config._experts_implementation = implementation
     return MixtralSparseMoeBlock(config)
 
 
-def timed(fn, x, steps: int, device: torch.device, dtype: torch.dtype) -> float:
+def timed(fn, x, steps: int, device: torch.device, dtype: torch.dtype, params: torch.nn.Module | None = None) -> float:
+    """Median ms of forward + backward; `params`: the module whose gradients to clear, if
+    `fn` is not that module itself (a compiled or wrapped one)."""
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = fn(x)
             out = out[0] if isinstance(out, tuple) else out
         out.float().square().mean().backward()
 
+    def clear():  # as optimizer.zero_grad(set_to_none=True): no accumulation into old gradients
+        x.grad = None
+        module = params if params is not None else fn
+        if isinstance(module, torch.nn.Module):
+            module.zero_grad(set_to_none=True)
+
     for _ in range(3):
+        clear()
         step()
     times = []
     for _ in range(steps):
+        clear()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -56,6 +78,35 @@ def timed(fn, x, steps: int, device: torch.device, dtype: torch.dtype) -> float:
     return statistics.median(times)
 
 
+def scatter_path(fn):
+    """`fn` run with every plan on the generic index + scatter-add path (no row gathers)."""
+
+    def run(*args):
+        routing.GATHER_ROWS = False
+        try:
+            return fn(*args)
+        finally:
+            routing.GATHER_ROWS = True
+
+    return run
+
+
+def try_compile(layer: torch.nn.Module):
+    compiled = torch.compile(layer)
+
+    def run(x):
+        try:
+            return compiled(x)
+        except Exception as error:  # e.g. fp32 on CPU: _grouped_mm's meta function wants bf16
+            raise CompileFailed(str(error).splitlines()[0]) from None
+
+    return run
+
+
+class CompileFailed(RuntimeError):
+    pass
+
+
 def main() -> None:
     cuda = torch.cuda.is_available()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -64,34 +115,78 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024 if cuda else 256, help="tokens per sequence (Soft MoE)")
     parser.add_argument("--scale", type=int, default=1 if cuda else 8, help="divide every F by this (small CPU runs)")
     parser.add_argument("--steps", type=int, default=20 if cuda else 5)
+    parser.add_argument("--hf-experts", default="grouped_mm", help="HF's experts implementation: grouped_mm, eager, ...")
+    parser.add_argument("--compile", action="store_true", help="add columns: moelab top-k under torch.compile")
+    parser.add_argument("--profile", action="store_true", help="profile the worst shape's moelab layer")
     args = parser.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
     name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}, torch {torch.__version__}, {dtype}, T={args.tokens}, d={args.d_model}, fwd+bwd, median of {args.steps}")
-    print("| E | k | F | dense ms | moelab ms | dense/moelab | HF Mixtral ms | dense/HF | expert choice ms | dense/EC | soft ms | dense/soft |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"device: {name}, torch {torch.__version__}, {dtype}, T={args.tokens}, d={args.d_model}, fwd+bwd, "
+          f"median of {args.steps}, HF experts={args.hf_experts}")
+    labels = {"dense": "dense", "moelab": "moelab", "scatter": "moelab scatter path", "weights": f"moelab {str(dtype)[6:]} weights",
+              "hf": "HF Mixtral", "ec": "expert choice", "soft": "soft"}
+    if args.compile:
+        labels |= {"compiled": "moelab compiled", "compiled_scatter": "compiled scatter path"}
+    print("| E | k | F | dense ms | " + " | ".join(f"{labels[key]} ms (dense/it)" for key in list(labels)[1:]) + " |")
+    print("|---|---|---|---|" + "---|" * (len(labels) - 1))
     sequences = args.tokens // args.seq_len
+    worst = None
     for experts, k, hidden in CONFIGS:
         hidden //= args.scale
         torch.manual_seed(0)
         x = torch.randn(sequences, args.seq_len, args.d_model, device=device, requires_grad=True)
         swiglu = partial(GroupedExperts, num_experts=experts, activation="swiglu")
-        layers = {
-            "dense": DenseFFN(args.d_model, k * hidden, "swiglu"),
-            "moelab": MoELayer(args.d_model, hidden, partial(TopKRouter, k=k), swiglu),
-            "ec": MoELayer(args.d_model, hidden, partial(ExpertChoiceRouter, capacity_factor=float(k)), swiglu),
-            "soft": MoELayer(args.d_model, hidden, partial(SoftMoERouter, slots_per_expert=max(1, k * args.seq_len // experts)), swiglu),
+        topk = MoELayer(args.d_model, hidden, partial(TopKRouter, k=k), swiglu).to(device)
+        runs = {
+            "dense": DenseFFN(args.d_model, k * hidden, "swiglu").to(device),
+            "moelab": topk,
+            "scatter": scatter_path(topk),
+            # parameters in the compute dtype, as HF's column has them: no per-step weight cast
+            "weights": MoELayer(args.d_model, hidden, partial(TopKRouter, k=k), swiglu).to(device, dtype),
+            # HF's grouped_mm path casts its input to the weights' dtype (it ignores autocast),
+            # so it gets bf16 parameters; the other moelab columns keep fp32 master weights.
+            "hf": hf_mixtral(args.d_model, hidden, experts, k, args.hf_experts),
+            "ec": MoELayer(args.d_model, hidden, partial(ExpertChoiceRouter, capacity_factor=float(k)), swiglu).to(device),
+            "soft": MoELayer(args.d_model, hidden, partial(SoftMoERouter, slots_per_expert=max(1, k * args.seq_len // experts)),
+                             swiglu).to(device),
         }
-        ms = {key: timed(layer.to(device), x, args.steps, device, dtype) for key, layer in layers.items()}
-        hf = hf_mixtral(args.d_model, hidden, experts, k)
-        ms["hf"] = timed(hf.to(device), x, args.steps, device, dtype) if hf else float("nan")
-        ratio = lambda key: ms["dense"] / ms[key]  # noqa: E731
-        print(
-            f"| {experts} | {k} | {hidden} | {ms['dense']:.2f} | {ms['moelab']:.2f} | {ratio('moelab'):.2f} | "
-            f"{ms['hf']:.2f} | {ratio('hf'):.2f} | {ms['ec']:.2f} | {ratio('ec'):.2f} | {ms['soft']:.2f} | {ratio('soft'):.2f} |",
-            flush=True,
-        )
+        if args.compile:
+            runs["compiled"] = try_compile(topk)
+            runs["compiled_scatter"] = scatter_path(try_compile(topk))
+        ms = {}
+        for key, run in runs.items():
+            if run is None:
+                ms[key] = float("nan")
+                continue
+            if key == "hf":
+                run = run.to(device, dtype)
+            try:
+                ms[key] = timed(run, x, args.steps, device, dtype, params=topk if key in ("scatter", "compiled", "compiled_scatter") else None)
+            except CompileFailed as error:
+                print(f"{labels[key]}: torch.compile failed: {error}", flush=True)
+                ms[key] = float("nan")
+        cells = " | ".join(f"{ms[key]:.2f} ({ms['dense'] / ms[key]:.2f})" for key in list(labels)[1:])
+        print(f"| {experts} | {k} | {hidden} | {ms['dense']:.2f} | {cells} |", flush=True)
+        if worst is None or ms["dense"] / ms["moelab"] < worst[0]:
+            worst = (ms["dense"] / ms["moelab"], experts, k, hidden, topk, x)
+    if args.profile:
+        profile(*worst[1:], device, dtype)
+
+
+def profile(experts: int, k: int, hidden: int, layer: torch.nn.Module, x: torch.Tensor, device: torch.device,
+            dtype: torch.dtype) -> None:
+    """Top kernels (by device time, or CPU time on CPU) of 5 forward + backward steps of `layer`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    timed(layer, x, 1, device, dtype)
+    with torch_profile(activities=activities) as prof:
+        timed(layer, x, 5, device, dtype)
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile: moelab top-k, E={experts} k={k} F={hidden}, 8 forward + backward steps (3 warm-up), by {sort_by}")
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=20, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,13 @@ and reports tokens/s over the steps after `--warmup`, and MFU over active FLOPs:
 included), N_active = non-embedding parameters a token uses (each MoE layer: router,
 shared experts and k/E of the routed experts; the output head counted). Peak FLOP/s:
 `--peak-tflops`, or 989 for H100/H200 bf16 (dense), or none (no MFU).
+
+    --scatter              every routing plan on the generic index + scatter-add path (A/B
+                           against the default row gathers)
+    --profile              prints the MoE run's top kernels over 3 batches after the warm-up
+    --compile              compiles each transformer block (torch.compile per block, as torchtitan does)
+    --random-tokens DIR    trains on uniformly random token ids written to DIR (data=tokens), for
+                           a machine without the dataset: throughput only, the loss means nothing
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch import Callback
 from omegaconf import open_dict
 
+from moelab.moe import routing
 from moelab.moe.layer import active_parameters
 from moelab.train import build
 
@@ -31,8 +39,18 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
 class StepTimer(Callback):
-    def __init__(self, warmup: int) -> None:
+    """Times each training batch after `warmup`; with `profile`, profiles 3 batches after
+    the warm-up and prints the top kernels."""
+
+    def __init__(self, warmup: int, profile: bool = False) -> None:
         self.warmup, self.times, self.tokens = warmup, [], 0
+        self.profiler = None
+        if profile:
+            from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = torch_profile(activities=activities, schedule=schedule(wait=warmup, warmup=1, active=3, repeat=1))
+            self.profiler.start()
 
     def _sync(self) -> None:
         if torch.cuda.is_available():
@@ -47,6 +65,17 @@ class StepTimer(Callback):
         if batch_idx >= self.warmup:
             self.times.append(time.perf_counter() - self.start)
             self.tokens += batch[0].numel()
+        if self.profiler is not None:
+            self.profiler.step()
+            if batch_idx == self.warmup + 4:
+                self.report()
+
+    def report(self) -> None:
+        self.profiler.stop()
+        sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        print(f"profile: 3 training batches after {self.warmup + 1}, by {sort_by}")
+        print(self.profiler.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=70))
+        self.profiler = None
 
 
 def active_non_embedding_parameters(model: torch.nn.Module) -> int:
@@ -57,7 +86,22 @@ def active_non_embedding_parameters(model: torch.nn.Module) -> int:
     return active_parameters(model) - untied
 
 
-def measure(experiment: str, steps: int, warmup: int, extra: list[str]) -> dict[str, float]:
+def write_random_tokens(out: Path, vocab_size: int, tokens: int) -> None:
+    """{train,val,test}.bin of uniform random ids below `vocab_size` (uint16 or uint32) and meta.json."""
+    import json
+
+    import numpy as np
+
+    dtype = "uint16" if vocab_size <= 2**16 else "uint32"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", tokens), ("val", tokens // 10), ("test", tokens // 10)):
+        rng.integers(0, vocab_size, n, dtype=np.int64).astype(dtype).tofile(out / f"{split}.bin")
+    (out / "meta.json").write_text(json.dumps({"vocab_size": vocab_size, "dtype": dtype, "bytes_per_token": None}))
+
+
+def measure(experiment: str, steps: int, warmup: int, extra: list[str], compile_blocks: bool = False,
+            profile: bool = False) -> dict[str, float]:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={experiment}", "callbacks=none", "logger=csv", *extra])
     with open_dict(cfg):
@@ -66,7 +110,10 @@ def measure(experiment: str, steps: int, warmup: int, extra: list[str]) -> dict[
         cfg.trainer.limit_val_batches, cfg.trainer.num_sanity_val_steps = 0, 0
         cfg.trainer.enable_checkpointing, cfg.trainer.enable_progress_bar = False, False
     datamodule, task, trainer = build(cfg)
-    timer = StepTimer(warmup)
+    if compile_blocks:
+        for block in task.model.blocks:
+            block.compile()
+    timer = StepTimer(warmup, profile)
     trainer.callbacks.append(timer)
     trainer.fit(task, datamodule=datamodule)
     model = task.model
@@ -83,17 +130,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    parser.add_argument("--scatter", action="store_true", help="every plan on the generic scatter-add path (A/B)")
+    parser.add_argument("--profile", action="store_true", help="print the MoE run's top kernels over 3 batches")
+    parser.add_argument("--random-tokens", type=Path, default=None, help="train on random token ids written here")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs (e.g. trainer.precision=bf16-mixed)")
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     peak = args.peak_tflops
     if peak is None:
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), 0.0)
-    print(f"device: {device}, torch {torch.__version__}, experiment={args.experiment}, {args.steps} timed steps")
+    overrides = list(args.overrides)
+    if args.random_tokens is not None:
+        if not (args.random_tokens / "meta.json").exists():
+            write_random_tokens(args.random_tokens, 50304, 4_000_000)
+        overrides = ["data=tokens", f"data.path={args.random_tokens.resolve()}", *overrides]
+    if args.scatter:
+        routing.GATHER_ROWS = False
+    mode = ("compiled per block" if args.compile else "eager") + (", scatter path" if args.scatter else "")
+    print(f"device: {device}, torch {torch.__version__}, experiment={args.experiment}, {mode}, {args.steps} timed steps")
     print("| model | active params | tokens/s | TFLOP/s | MFU | vs dense tokens/s |")
     print("|---|---|---|---|---|---|")
-    moe = measure(args.experiment, args.steps, args.warmup, args.overrides)
-    dense = measure(args.experiment, args.steps, args.warmup, [*args.overrides, "model.moe_every=0"])
+    moe = measure(args.experiment, args.steps, args.warmup, overrides, args.compile, args.profile)
+    dense = measure(args.experiment, args.steps, args.warmup, [*overrides, "model.moe_every=0"], args.compile)
     for name, r in (("MoE", moe), ("dense", dense)):
         mfu = f"{r['flops_per_s'] / (peak * 1e12):.1%}" if peak else "—"
         print(f"| {name} | {r['active'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | {r['flops_per_s'] / 1e12:.3f} | {mfu} | "
