@@ -211,3 +211,47 @@ def check_resumable(path: str, task: nn.Module, sharded_strategy: bool, config: 
             f"ckpt_path={path} holds weights but no optimizer and loop state, so training cannot resume from it: "
             "point ckpt_path at a last.ckpt a run wrote"
         )
+
+
+def load_model_weights(path: str, key: str = "init_from") -> dict[str, torch.Tensor]:
+    """The model weights (`model.` entries of the state dict, prefix removed) of a
+    single-file checkpoint, loaded with weights_only=True; one-line errors name `key`."""
+    try:
+        if not is_url(path):
+            location = Path(path)
+            if not location.exists():
+                raise ConfigError(f"ckpt_path={path} does not exist (relative paths start from {Path.cwd()})")
+            if location.is_dir():
+                raise ConfigError(
+                    f"ckpt_path={path} is a sharded checkpoint folder (trainer=fsdp/fsdp_ep): gather it into one "
+                    "process with moelab.parallel.checkpoint.load_sharded_into and save that"
+                )
+        checkpoint = _load_file(path)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("ckpt_path", key)) from None
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"{key}={path} holds no model state (no 'state_dict'): it is not a Lightning checkpoint")
+    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.") and isinstance(v, torch.Tensor)}
+
+
+def start_from_weights(model: nn.Module, path: str, upcycle: bool = False, noise: float = 0.0,
+                       router_std: float = 0.0, seed: int = 0) -> str:
+    """`init_from`: load a checkpoint's weights into `model` for a new run (fresh optimizer,
+    step 0). With `upcycle`, the checkpoint is the dense twin and every MoE layer starts
+    from its dense FFN (moelab.models.upcycle). Returns a line for the log."""
+    weights = load_model_weights(path)
+    if upcycle:
+        from moelab.models.upcycle import upcycle_model
+
+        layers = upcycle_model(model, weights, noise, router_std, seed)
+        return f"Upcycled {len(layers)} MoE layer{'s' * (len(layers) != 1)} ({', '.join(layers)}) from the dense model in {path}"
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    notes = shape_differences({k: tuple(v.shape) for k, v in weights.items()}, expected)
+    if notes:
+        raise ConfigError(
+            f"init_from={path} holds another architecture ({'; '.join(notes[:3])}): start from a checkpoint of "
+            "this model, or add model.upcycle=true to build this MoE model from its dense twin"
+        )
+    model.load_state_dict(weights)
+    return f"Started from the weights in {path}"

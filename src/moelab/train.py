@@ -3,6 +3,7 @@ test, write metrics.json with the run's status, and return the metric a sweep op
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from moelab.callbacks.checkpoint import LastCheckpoint
-from moelab.checkpoints import check_resumable
+from moelab.checkpoints import check_resumable, start_from_weights
 from moelab.moe.errors import ConfigError, check_num_experts
 from moelab.runs import DIVERGED, ERROR, INTERRUPTED, METRICS_FILE, OK, Diverged, write_record
 from moelab.sweep import run_version  # noqa: F401 - registers ${moelab.run_version:} for the logger config
@@ -63,13 +64,23 @@ def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
     return [instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
 
 
+# model.* settings of sparse upcycling: read by `init_from`, not passed to the model class.
+UPCYCLE_KEYS = ("upcycle", "upcycle_noise", "upcycle_router_std")
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
     """Instantiate data, model, task and trainer; config mistakes surface as ConfigError."""
     # `_convert_="all"`: plain lists and dicts reach the code (and checkpoints' hparams,
     # which Lightning reloads with weights_only=True), never OmegaConf containers.
     datamodule = instantiate(cfg.data, _convert_="all")
+    model_cfg = cfg.model
+    if any(key in model_cfg for key in UPCYCLE_KEYS):  # used by init_from, not by the model
+        model_cfg = copy.deepcopy(model_cfg)
+        with open_dict(model_cfg):
+            for key in UPCYCLE_KEYS:
+                model_cfg.pop(key, None)
     model = instantiate(
-        cfg.model,
+        model_cfg,
         router=cfg.router,
         expert=cfg.expert,
         aux_loss_weights=OmegaConf.to_container(cfg.loss, resolve=True) if cfg.loss else {},
@@ -98,6 +109,9 @@ def check_config(cfg: DictConfig) -> None:
     sharded = target.endswith("FSDPExpertParallelStrategy")
     if cfg.ep != 1 and not sharded:
         raise ConfigError(f"ep={cfg.ep} needs an expert-parallel trainer: add trainer=fsdp_ep")
+    if cfg.model.get("upcycle") and not cfg.get("init_from"):
+        raise ConfigError("model.upcycle=true builds the experts from a dense checkpoint: add "
+                          "init_from=<a checkpoint of this model trained with model.moe_every=0>")
     if sharded and cfg.trainer.get("gradient_clip_algorithm") == "value":
         raise ConfigError("trainer=fsdp/fsdp_ep clip gradients by norm only: set trainer.gradient_clip_algorithm=norm")
 
@@ -338,6 +352,14 @@ def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
         sharded = isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy))
         check_resumable(ckpt_path, task, sharded_strategy=sharded, config=config)
         run_state.ckpt_path = ckpt_path
+    init_from = cfg.get("init_from")
+    if init_from and ckpt_path is None:  # a resumed run has its own weights
+        model_cfg = cfg.model
+        line = start_from_weights(task.model, str(init_from), bool(model_cfg.get("upcycle", False)),
+                                  float(model_cfg.get("upcycle_noise", 0.0)), float(model_cfg.get("upcycle_router_std", 0.0)),
+                                  seed=cfg.seed)
+        if trainer.is_global_zero:
+            log.info(line)
     # weights_only=True always, URLs included (Lightning would unpickle those in full).
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if run_state.last is not None and run_state.last.signal is not None:

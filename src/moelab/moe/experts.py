@@ -40,7 +40,8 @@ class GroupedExperts(nn.Module):
     every token and added to the routed output: y = Σ_shared f_s(x) + Σ_{i∈TopK} g_i f_i(x).
     MoELayer routes each token to k·m − s fine experts, so k·m are active in all: the
     active parameters of k coarse experts.
-    `dropout` acts on the hidden activations.
+    `dropout` acts on the hidden activations. `bias` adds per-expert biases to both
+    projections, as timm's MLP and V-MoE's experts have (upcycling a ViT copies them).
 
     Input rows arrive grouped by expert with `group_sizes_E` rows for expert e.
     """
@@ -54,6 +55,7 @@ class GroupedExperts(nn.Module):
         granularity: int = 1,
         num_shared: int = 0,
         dropout: float = 0.0,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         check_num_experts(num_experts)
@@ -79,41 +81,57 @@ class GroupedExperts(nn.Module):
         self.w1_EDF = nn.Parameter(torch.empty(E, d_model, fine_hidden))
         self.w3_EDF = nn.Parameter(torch.empty(E, d_model, fine_hidden)) if gated else None
         self.w2_EFD = nn.Parameter(torch.empty(E, fine_hidden, d_model))
+        self.b1_EF = nn.Parameter(torch.zeros(E, fine_hidden)) if bias else None
+        self.b3_EF = nn.Parameter(torch.zeros(E, fine_hidden)) if bias and gated else None
+        self.b2_ED = nn.Parameter(torch.zeros(E, d_model)) if bias else None
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self, in_std: float | None = None, out_std: float | None = None) -> None:
         """W1 (and W3) ~ N(0, in_std²), W2 ~ N(0, out_std²); by default each expert's own
-        fan-in, d^-1/2 and f^-1/2. MoELayer.reset_parameters sets them so the layer starts
-        like the dense FFN it replaces."""
+        fan-in, d^-1/2 and f^-1/2; biases 0. MoELayer.reset_parameters sets them so the
+        layer starts like the dense FFN it replaces."""
         for w in (self.w1_EDF, self.w3_EDF):
             if w is not None:
                 nn.init.normal_(w, std=self.d_model**-0.5 if in_std is None else in_std)
         nn.init.normal_(self.w2_EFD, std=self.hidden**-0.5 if out_std is None else out_std)
+        for b in (self.b1_EF, self.b3_EF, self.b2_ED):
+            if b is not None:
+                b.zero_()
 
     def forward(self, x_ND: Tensor, group_sizes_E: Tensor) -> Tensor:
         """Routed experts on grouped rows (under expert parallelism: this rank's experts)."""
         offsets_E = torch.cumsum(group_sizes_E, 0, dtype=torch.int32)
         h_NF = grouped_mm(x_ND, local_part(self.w1_EDF), offsets_E)
         gate_NF = None if self.w3_EDF is None else grouped_mm(x_ND, local_part(self.w3_EDF), offsets_E)
-        return grouped_mm(self.dropout(_activate(self.activation, h_NF, gate_NF)), local_part(self.w2_EFD), offsets_E)
+        if self.b1_EF is None:
+            return grouped_mm(self.dropout(_activate(self.activation, h_NF, gate_NF)), local_part(self.w2_EFD), offsets_E)
+        # Each row's expert (static output size: no host sync), to pick its biases.
+        experts_E = torch.arange(group_sizes_E.numel(), device=x_ND.device)
+        expert_N = torch.repeat_interleave(experts_E, group_sizes_E, output_size=x_ND.shape[0])
+        h_NF = h_NF + local_part(self.b1_EF)[expert_N].to(h_NF.dtype)
+        if gate_NF is not None:
+            gate_NF = gate_NF + local_part(self.b3_EF)[expert_N].to(gate_NF.dtype)
+        y_ND = grouped_mm(self.dropout(_activate(self.activation, h_NF, gate_NF)), local_part(self.w2_EFD), offsets_E)
+        return y_ND + local_part(self.b2_ED)[expert_N].to(y_ND.dtype)
 
     def expert_weights(self) -> dict[str, nn.Parameter]:
-        """The (E, …) weight stacks, by attribute name: what expert parallelism splits."""
-        return {name: w for name in ("w1_EDF", "w3_EDF", "w2_EFD") if (w := getattr(self, name)) is not None}
+        """The (E, …) weight and bias stacks, by attribute name: what expert parallelism splits."""
+        names = ("w1_EDF", "w3_EDF", "w2_EFD", "b1_EF", "b3_EF", "b2_ED")
+        return {name: w for name in names if (w := getattr(self, name)) is not None}
 
     def make_shared_experts(self) -> "DenseFFN | None":
         """The always-on shared experts this config asks for (a separate dense module, so
         sharding treats them like any dense layer), or None."""
         if not self.num_shared:
             return None
-        return DenseFFN(self.d_model, self.num_shared * self.hidden, self.activation, self.dropout.p)
+        return DenseFFN(self.d_model, self.num_shared * self.hidden, self.activation, self.dropout.p, self.b1_EF is not None)
 
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, activation={self.activation}, "
-            f"granularity={self.granularity}, num_shared={self.num_shared}"
+            f"granularity={self.granularity}, num_shared={self.num_shared}, bias={self.b1_EF is not None}"
         )
 
 
@@ -123,26 +141,36 @@ class DenseFFN(nn.Module):
     shared experts of DeepSeekMoE (Dai et al. 2024): n always-on experts of hidden size F
     computed together as one FFN of hidden n·F on every token."""
 
-    def __init__(self, d_model: int, hidden: int, activation: str = "gelu", dropout: float = 0.0) -> None:
+    def __init__(self, d_model: int, hidden: int, activation: str = "gelu", dropout: float = 0.0, bias: bool = False) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ConfigError(f"FFN activation '{activation}' is unknown: pick one of {', '.join(ACTIVATIONS)}")
         self.activation = activation
+        gated = activation != "gelu"
         self.w1_DH = nn.Parameter(torch.empty(d_model, hidden))
-        self.w3_DH = nn.Parameter(torch.empty(d_model, hidden)) if activation != "gelu" else None
+        self.w3_DH = nn.Parameter(torch.empty(d_model, hidden)) if gated else None
         self.w2_HD = nn.Parameter(torch.empty(hidden, d_model))
+        self.b1_H = nn.Parameter(torch.zeros(hidden)) if bias else None
+        self.b3_H = nn.Parameter(torch.zeros(hidden)) if bias and gated else None
+        self.b2_D = nn.Parameter(torch.zeros(d_model)) if bias else None
         self.dropout = nn.Dropout(dropout)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self, in_std: float | None = None, out_std: float | None = None) -> None:
-        """W1 (and W3) ~ N(0, in_std²), W2 ~ N(0, out_std²); by default fan-in, d^-1/2 and H^-1/2."""
+        """W1 (and W3) ~ N(0, in_std²), W2 ~ N(0, out_std²); by default fan-in, d^-1/2 and H^-1/2; biases 0."""
         d_model, hidden = self.w1_DH.shape
         for w in (self.w1_DH, self.w3_DH):
             if w is not None:
                 nn.init.normal_(w, std=d_model**-0.5 if in_std is None else in_std)
         nn.init.normal_(self.w2_HD, std=hidden**-0.5 if out_std is None else out_std)
+        for b in (self.b1_H, self.b3_H, self.b2_D):
+            if b is not None:
+                b.zero_()
 
     def forward(self, x_TD: Tensor) -> Tensor:
-        gate_TH = None if self.w3_DH is None else x_TD @ self.w3_DH
-        return self.dropout(_activate(self.activation, x_TD @ self.w1_DH, gate_TH)) @ self.w2_HD
+        h_TH, gate_TH = x_TD @ self.w1_DH, None if self.w3_DH is None else x_TD @ self.w3_DH
+        if self.b1_H is None:
+            return self.dropout(_activate(self.activation, h_TH, gate_TH)) @ self.w2_HD
+        gate_TH = None if gate_TH is None else gate_TH + self.b3_H
+        return self.dropout(_activate(self.activation, h_TH + self.b1_H, gate_TH)) @ self.w2_HD + self.b2_D

@@ -69,7 +69,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPol
 
 
 def _shard_expert_stacks(param: nn.Parameter) -> Shard | None:
-    return Shard(1) if param.ndim == 3 else None
+    return Shard(1) if param.ndim >= 2 else None  # weight stacks (E, ., .) and bias stacks (E, .)
 
 
 def _flat_mesh(mesh: DeviceMesh) -> DeviceMesh:
