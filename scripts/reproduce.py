@@ -1,6 +1,7 @@
 """Reproduction studies: the MoE literature's findings, re-measured with moelab on the bundled data.
 
-    python scripts/reproduce.py                          # every study, results in docs/results.md
+    python scripts/reproduce.py                          # the default set, results in docs/results.md
+    python scripts/reproduce.py --study upcycling        # a study outside the default set
     python scripts/reproduce.py --study capacity zloss   # some studies (the page keeps the others)
     python scripts/reproduce.py --seeds 5                # more seeds per setting
     python scripts/reproduce.py --quick                  # every study end to end in minutes (a smoke run)
@@ -40,6 +41,9 @@ ROUTERS = sorted(p.stem for p in (ROOT / "conf" / "router").glob("*.yaml"))
 COMMON = ["callbacks.progress=null"]
 # Short LM schedule: 300 steps of 32 × 128 bytes (the experiment's own is 1000).
 LM = ["experiment=lm_pystdlib", "data.train_steps_per_epoch=100", "trainer.max_epochs=3"]
+LM_EPOCHS = lambda epochs: [*LM[:-1], f"trainer.max_epochs={epochs}"]  # noqa: E731 - 100 steps an epoch
+# Upcycling's MoE: experts as wide as the dense FFN (copies), top-2: twice the dense FFN's FLOPs.
+COPIES = ["model.expert_hidden=dense"]
 # 8×8 digits as 64 patches of one pixel: four times the default ViT's 16 tokens per image.
 PATCH1 = ["model.patch_size=1"]
 QUICK = ["trainer=debug", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
@@ -59,9 +63,11 @@ class Sweep:
     source: str | None = None  # "<study>/<sweep>": read that study's runs instead of running
     pick: dict[str, str] = field(default_factory=dict)  # the job to read: overrides it must have
 
-    def arguments(self, seeds: int, quick: bool) -> list[str]:
+    def arguments(self, seeds: int, quick: bool, out: Path | None = None) -> list[str]:
+        """The multirun's overrides; `{out}` in a fixed override becomes the sweeps' folder."""
         axes = {k: (v[:2] if quick else v) for k, v in self.axes.items()}
-        args = [*self.fixed, *COMMON, *(f"{k}={','.join(v)}" for k, v in axes.items())]
+        fixed = [f.replace("{out}", str(out)) for f in self.fixed] if out is not None else self.fixed
+        args = [*fixed, *COMMON, *(f"{k}={','.join(v)}" for k, v in axes.items())]
         if quick:
             args += QUICK + (QUICK_LM if self.language else [])
         return ["-m", *args, f"seed={','.join(str(s) for s in range(seeds))}"]
@@ -76,6 +82,7 @@ class Study:
     metrics: list[str]
     seeds: int = 3
     extra: Callable[["Context"], list[str]] | None = None  # more Markdown from the runs
+    default: bool = True  # in the default set (the ≤ 90-minute one); others run when named
 
 
 @dataclass
@@ -229,6 +236,58 @@ def verdict_soft(c: Context) -> list[str]:
     return [f"**Measured** at 64 tokens per image: " + "; ".join(parts) + f"; topk {fmt(topk)}; dense twin {fmt(dense)}.", ""]
 
 
+def final_by_seed(c: Context, sweep: str, metric: str, pick: dict[str, str] | None = None) -> dict[str, float]:
+    """seed → the metric, for the jobs of `sweep` that have the `pick` overrides."""
+    jobs = [j for j in collect_jobs(c.folders[sweep]) if (pick or {}).items() <= j["overrides"].items()]
+    return {j["overrides"].get("seed", "0"): j["metrics"][metric] for j in jobs if j["metrics"].get(metric) is not None}
+
+
+def curve(c: Context, sweep: str, tag: str, pick: dict[str, str] | None = None, offset: int = 0) -> tuple[list, list]:
+    """Mean over the sweep's (picked) jobs of a logged scalar, by step (+ offset)."""
+    by_step: dict[int, list[float]] = {}
+    for job in collect_jobs(c.folders[sweep]):
+        if (pick or {}).items() <= job["overrides"].items():
+            for step, value in job_scalars(c.folders[sweep] / job["job"]).get(tag, []):
+                by_step.setdefault(step + offset, []).append(value)
+    steps = sorted(by_step)
+    return steps, [statistics.fmean(by_step[s]) for s in steps]
+
+
+def verdict_upcycling(c: Context) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense_pick = {"model.moe_every": "0"}
+    # Where the dense runs stopped: their last logged step.
+    last_steps = [max(step for points in job_scalars(c.folders["dense_200"] / j["job"]).values() for step, _ in points)
+                  for j in collect_jobs(c.folders["dense_200"])]
+    offset = round(statistics.fmean(last_steps))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, sweep, pick, shift in (("dense", "dense_300", dense_pick, 0), ("MoE from scratch", "moe_scratch", None, 0),
+                                      ("dense, first part", "dense_200", None, 0), ("upcycled", "upcycled", None, offset)):
+        steps, values = curve(c, sweep, "val/bpb", pick, shift)
+        ax.plot(steps, values, marker="o", markersize=3, label=label)
+    ax.axvline(offset, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("training step (upcycled: counted from the dense run's start)")
+    ax.set_ylabel("val/bpb (mean over seeds)")
+    ax.legend()
+    fig.tight_layout()
+    target = c.figures / f"{c.study.name}_val_bpb.png"
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+    upcycled = list(final_by_seed(c, "upcycled", "val/bpb").values())
+    dense = list(final_by_seed(c, "dense_300", "val/bpb", dense_pick).values())
+    scratch = list(final_by_seed(c, "moe_scratch", "val/bpb").values())
+    parts = [f"final val bpb, upcycled after {offset} dense steps: {fmt(upcycled)}; dense all along {fmt(dense)}; "
+             f"MoE from scratch {fmt(scratch)}"]
+    for name, other in (("dense", dense), ("MoE from scratch", scratch)):
+        diff, how = compare(upcycled, other)
+        parts.append(f"upcycled − {name} {diff:+.4f} ({how})")
+    return ["**Measured.** " + "; ".join(parts) + ".", "", f"![val bpb of the three ways](results/{target.name})", ""]
+
+
 def both(*parts: Callable[[Context], list[str]]) -> Callable[[Context], list[str]]:
     """The parts' lines in turn; a part that lacks its settings says so and the rest go on."""
 
@@ -280,7 +339,7 @@ def specialisation_images(context: Context) -> list[str]:
 
 def run_sweep(sweep: Sweep, folder: Path, seeds: int, quick: bool, timings: dict[str, float]) -> str:
     """Run one multirun into `folder` and record its wall time (minutes) in `timings`."""
-    args = [sys.executable, "train.py", *sweep.arguments(seeds, quick), f"hydra.sweep.dir={folder}"]
+    args = [sys.executable, "train.py", *sweep.arguments(seeds, quick, folder.parent.parent), f"hydra.sweep.dir={folder}"]
     start = time.perf_counter()
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
     minutes = (time.perf_counter() - start) / 60
@@ -291,7 +350,12 @@ def run_sweep(sweep: Sweep, folder: Path, seeds: int, quick: bool, timings: dict
         raise SystemExit(f"moelab: error: the {sweep.name} sweep made no folder: {result.stderr.strip()[-500:]}")
     if not (folder / "report.md").exists():
         write_report(folder)
-    return " ".join(["python train.py", *sweep.arguments(seeds, quick)])
+    return " ".join(["python train.py", *sweep.arguments(seeds, quick, shown_path(folder.parent.parent))])
+
+
+def shown_path(path: Path) -> Path:
+    """`path` relative to the repository when inside it (for commands shown on the page)."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def study_section(study: Study, context: Context, commands: list[str], steps: str, minutes: float | None) -> str:
@@ -412,6 +476,21 @@ STUDIES = [
         ["val/acc", "test/acc", "val/loss"], seeds=2, extra=verdict_soft,
     ),
     Study(
+        "upcycling", "Sparse upcycling of the dense LM",
+        "An MoE whose experts start as copies of a trained dense model's FFN (sparse upcycling) beats "
+        "both the dense model trained on and the same MoE trained from scratch, for the same number of "
+        "steps (Komatsuzaki et al. 2023). Here: the dense LM for 200 steps, then upcycled into top-2 "
+        "experts as wide as its FFN (`model.expert_hidden=dense`: twice the dense FFN's FLOPs, as in the "
+        "paper) for 100 more (a fresh optimizer, 10 warm-up steps, cosine), against the dense LM and that "
+        "MoE trained 300 steps from scratch.",
+        [Sweep("dense_200", [*LM_EPOCHS(2), "model.moe_every=0"], language=True),
+         Sweep("upcycled", [*LM_EPOCHS(1), *COPIES, "model.upcycle=true", "task.warmup_steps=10",
+                            "init_from={out}/upcycling/dense_200/${seed}/checkpoints/last.ckpt"], language=True),
+         Sweep("moe_scratch", [*LM, *COPIES], language=True),
+         Sweep("dense_300", LM, language=True, source="moe_vs_dense/lm", pick={"model.moe_every": "0"})],
+        ["val/bpb", "test/bpb"], seeds=2, extra=verdict_upcycling, default=False,
+    ),
+    Study(
         "specialisation", "What experts specialise in",
         "Experts specialise: by token type in language models and by class in vision (Shazeer et al. "
         "2017; Riquelme et al. 2021, V-MoE; Jiang et al. 2024, Mixtral sec. 5).",
@@ -420,6 +499,42 @@ STUDIES = [
         [], seeds=1, extra=specialisation_images,
     ),
 ]
+
+
+ROUTERS_TABLE = ("<!-- routers table: written by scripts/reproduce.py from the routers_vit study -->",
+                 "<!-- end of routers table -->")
+
+
+def routers_table(folder: Path, twin_folder: Path) -> list[str]:
+    """One row per router (mean ± std over seeds) and the dense twin's row, best val/acc first."""
+    metrics = ["val/acc", "test/acc", "val/loss"]
+    rows = []
+    for group in group_jobs(collect_jobs(folder)):
+        rows.append((f"`{group.overrides.get('router', '?')}`", group.jobs))
+    rows.sort(key=lambda row: -(spread([j["metrics"].get("val/acc") for j in row[1]]).mean or 0.0))
+    twin = [j for g in group_jobs(collect_jobs(twin_folder)) for j in g.jobs] if twin_folder.is_dir() else []
+    if twin:
+        rows.append(("*dense twin* (`model.moe_every=0`)", twin))
+    lines = ["| router | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for name, jobs in rows:
+        lines.append(f"| {name} | {len(jobs)} | " + " | ".join(str(spread([j["metrics"].get(m) for j in jobs])) for m in metrics) + " |")
+    return lines
+
+
+def write_routers_table(out: Path, docs: Path) -> None:
+    """Put the routers_vit study's table into routers.md between its markers (quick mode: a
+    copy of routers.md under the quick docs folder)."""
+    folder = out / "routers_vit" / "routers"
+    source = ROOT / "docs" / "routers.md"
+    if not folder.is_dir() or ROUTERS_TABLE[0] not in source.read_text():
+        return
+    text = source.read_text()
+    head, rest = text.split(ROUTERS_TABLE[0], 1)
+    _, tail = rest.split(ROUTERS_TABLE[1], 1)
+    seeds = sorted({j["overrides"].get("seed", "0") for j in collect_jobs(folder)}, key=int)
+    table = "\n".join([ROUTERS_TABLE[0], "", f"Seeds {', '.join(seeds)}; mean ± sample std (n runs); best val/acc first.", "",
+                       *routers_table(folder, out / "routers_vit" / "dense_twin"), "", ROUTERS_TABLE[1]])
+    (docs / "routers.md").write_text(head + table + tail)
 
 
 def main() -> None:
@@ -436,7 +551,7 @@ def main() -> None:
     if args.quick and out.exists():
         shutil.rmtree(out)
     figures.mkdir(parents=True, exist_ok=True)
-    chosen = [s for s in STUDIES if not args.study or s.name in args.study]
+    chosen = [s for s in STUDIES if (s.name in args.study if args.study else s.default or args.quick)]
     sections_file = out / "sections.json"
     sections = json.loads(sections_file.read_text()) if sections_file.exists() else {}
     timings_file = out / "timings.json"  # "<study>/<sweep>" → wall minutes of its multirun
@@ -457,7 +572,7 @@ def main() -> None:
             if folder.exists():
                 print(f"  {sweep.name}: kept from an earlier run ({folder})", flush=True)
                 write_report(folder)  # jobs may have been resumed or rerun since
-                commands.append(" ".join(["python train.py", *sweep.arguments(seeds, args.quick)]))
+                commands.append(" ".join(["python train.py", *sweep.arguments(seeds, args.quick, shown_path(out))]))
             else:
                 commands.append(run_sweep(sweep, folder, seeds, args.quick, timings))
                 timings_file.write_text(json.dumps(timings, indent=1))
@@ -474,7 +589,9 @@ def main() -> None:
         "# Results: the MoE literature's findings, re-measured on the bundled data",
         "",
         "Every number below comes from `python scripts/reproduce.py` (2 CPU cores); each table is mean ± "
-        "sample std over seeds (n runs). Studies not yet run say so.",
+        "sample std over seeds (n runs). Studies not yet run say so. `python scripts/reproduce.py` runs "
+        "the default set (every study but " + ", ".join(f"`{s.name}`" for s in STUDIES if not s.default) + ", which "
+        "run when named with `--study`).",
         "",
     ]
     recorded = [k for k in timings if k.split("/")[0] in {s.name for s in STUDIES}]
@@ -482,9 +599,12 @@ def main() -> None:
         page += [f"The sweeps' wall times add up to {sum(timings[k] for k in recorded):.0f} minutes "
                  f"({len(recorded)} sweeps recorded in `{timings_file.name}`).", ""]
     for study in STUDIES:
-        page.append(sections.get(study.name, f"## {study.title}\n\nNot run yet: `python scripts/reproduce.py --study {study.name}`.\n"))
+        outside = "" if study.default else " (outside the default set)"
+        page.append(sections.get(study.name, f"## {study.title}\n\nNot run yet{outside}: "
+                                             f"`python scripts/reproduce.py --study {study.name}`.\n"))
         page.append("")
     (docs / "results.md").write_text("\n".join(page))
+    write_routers_table(out, docs)
     print(f"wrote {docs / 'results.md'}")
 
 

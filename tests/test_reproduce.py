@@ -26,6 +26,11 @@ def test_quick_reproduction_runs_every_study_and_writes_the_page(tmp_path):
         if study.metrics:  # a study of its own runs (specialisation reads the others')
             assert "python train.py -m" in section, study.name
             assert re.search(r"\| \S.* \(n=1\) \|", section), f"{study.name}: no table of results"
+    # routers.md's table comes from the routers_vit study: one row per router, and the twin.
+    routers_page = (tmp_path / "docs" / "routers.md").read_text()
+    table = routers_page.split("<!-- routers table")[1].split("<!-- end of routers table")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and " | 1 | " in line]
+    assert len(rows) == 3 and "dense twin" in rows[-1], table
     figures = re.findall(r"\]\(results/([^)]+)\)", page)
     assert any("expert_class" in f for f in figures) and any("expert_token_category" in f for f in figures)
     for name in figures:
