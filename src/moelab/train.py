@@ -68,25 +68,29 @@ def _instantiate_all(cfg: DictConfig | None) -> list[Any]:
 UPCYCLE_KEYS = ("upcycle", "upcycle_noise", "upcycle_router_std")
 
 
-def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
-    """Instantiate data, model, task and trainer; config mistakes surface as ConfigError."""
-    # `_convert_="all"`: plain lists and dicts reach the code (and checkpoints' hparams,
-    # which Lightning reloads with weights_only=True), never OmegaConf containers.
-    datamodule = instantiate(cfg.data, _convert_="all")
+def build_model(cfg: DictConfig) -> "torch.nn.Module":
+    """The model of a composed config (`model`, `router`, `expert`, `loss`)."""
     model_cfg = cfg.model
     if any(key in model_cfg for key in UPCYCLE_KEYS):  # used by init_from, not by the model
         model_cfg = copy.deepcopy(model_cfg)
         with open_dict(model_cfg):
             for key in UPCYCLE_KEYS:
                 model_cfg.pop(key, None)
-    model = instantiate(
+    return instantiate(
         model_cfg,
         router=cfg.router,
         expert=cfg.expert,
         aux_loss_weights=OmegaConf.to_container(cfg.loss, resolve=True) if cfg.loss else {},
         _convert_="all",
     )
-    task = instantiate(cfg.task, model=model, _convert_="all")
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Instantiate data, model, task and trainer; config mistakes surface as ConfigError."""
+    # `_convert_="all"`: plain lists and dicts reach the code (and checkpoints' hparams,
+    # which Lightning reloads with weights_only=True), never OmegaConf containers.
+    datamodule = instantiate(cfg.data, _convert_="all")
+    task = instantiate(cfg.task, model=build_model(cfg), _convert_="all")
     trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=_instantiate_all(cfg.get("logger")) or False)
     return datamodule, task, trainer
 

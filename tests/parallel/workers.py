@@ -32,7 +32,8 @@ class TinyMoE(nn.Module):
         # routed slots (DeepSeekMoE), leaving top-1 for routers that need k >= 2.
         shared = 0 if "k" in config else 1
         self.proj = nn.Linear(D, D)
-        experts = partial(GroupedExperts, num_experts=EXPERTS, num_shared=shared)
+        # Expert biases too: their (E, F) stacks are split by expert like the weights.
+        experts = partial(GroupedExperts, num_experts=EXPERTS, num_shared=shared, bias=True)
         self.moe = MoELayer(D, 32, instantiate(config), experts, LOSSES, router_facts={"vocab_size": VOCAB})
 
     def forward(self, x_BLD: torch.Tensor, ids_BL: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""Merge a trained MoE's experts into fewer and measure what it costs.
+
+    python scripts/merge_experts.py outputs/runs/<run>/checkpoints/last.ckpt --to 4 2 --method usage uniform similarity
+    python scripts/merge_experts.py <ckpt> --to 4 --method usage --out merged/   # also write the checkpoints
+
+Every MoE layer's experts are merged into `--to` experts per layer (moelab.moe.merge):
+weight stacks and router rows averaged within groups, weighted by each expert's share of
+the tokens of a calibration split (`--split`, default val) or equally. Prints one table:
+validation loss (and accuracy or bits per byte) of the original model and of each
+(method, E') merge, evaluated with the run's own task on `--split`. With `--out`, each
+merged model is saved as `merged_<method>_E<E'>.ckpt`: the run's config with experts=E',
+loadable as `init_from=` (fine-tuning the merged model) or `ckpt_path=`-checked.
+`--to 1` merges each layer into one dense FFN (saved as a one-expert layer with
+router=dense: every token, weight 1). A merge to 1 < E' < k is refused: the router needs k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+from omegaconf import OmegaConf, open_dict
+
+from moelab.checkpoints import CONFIG_KEY, load_model_weights
+from moelab.moe.errors import ConfigError
+from moelab.moe.layer import moe_layers
+from moelab.moe.merge import METHODS, expert_groups, merged_layer_state
+from moelab.train import build_model
+
+
+class Usage(Callback):
+    """Tokens each expert of each MoE layer processed over the evaluated batches."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, torch.Tensor] = {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        for i, layer in enumerate(moe_layers(pl_module.model)):
+            counts = layer.last_plan.tokens_per_expert_E.detach().double().cpu()
+            self.counts[i] = self.counts.get(i, 0) + counts
+
+
+def evaluate(cfg, model, split: str, usage: Usage | None = None) -> dict[str, float]:
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    task = instantiate(cfg.task, model=model, _convert_="all")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[usage] if usage else [])
+    run = trainer.validate if split == "val" else trainer.test
+    return {k: float(v) for k, v in run(task, datamodule=datamodule, verbose=False)[0].items()}
+
+
+def config_with_experts(cfg, experts: int, width: int):
+    """The run's config with `experts` per layer of the given width; one expert is a dense
+    FFN (every token, weight 1: router=dense)."""
+    new = copy.deepcopy(cfg)
+    with open_dict(new):
+        new.experts = experts
+        new.expert.num_experts = experts
+        new.model.expert_hidden = width  # the merged experts keep their width whatever the router
+        if experts == 1:
+            new.router = {"_target_": "moelab.moe.routers.DenseRouter", "_partial_": True}
+    return new
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a checkpoint written by train.py (single file)")
+    parser.add_argument("--to", type=int, nargs="+", required=True, help="experts per layer after merging")
+    parser.add_argument("--method", nargs="+", default=["usage"], choices=METHODS)
+    parser.add_argument("--split", default="val", choices=["val", "test"], help="calibration and evaluation split")
+    parser.add_argument("--out", type=Path, help="write each merged checkpoint into this folder")
+    args = parser.parse_args()
+    try:
+        checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        config = checkpoint.get(CONFIG_KEY) if isinstance(checkpoint, dict) else None
+    except Exception as error:  # noqa: BLE001 - one line below
+        raise SystemExit(f"moelab: error: {args.checkpoint} is not a checkpoint moelab can read ({type(error).__name__})")
+    if config is None:
+        raise SystemExit(f"moelab: error: {args.checkpoint} carries no run config: merge a checkpoint written by train.py")
+    try:
+        cfg = OmegaConf.create(config)
+        weights = load_model_weights(args.checkpoint, key="checkpoint")
+        model = build_model(cfg)
+        model.load_state_dict(weights)
+        usage = Usage()
+        base = evaluate(cfg, model, args.split, usage)
+        layers = moe_layers(model)
+        names = {id(m): n for n, m in model.named_modules()}
+        rows = [("original", layers[0].num_experts, base)]
+        k = getattr(layers[0].router, "k", None)
+        for method in args.method:
+            for target in args.to:
+                if k is not None and 1 < target < k:
+                    raise ConfigError(f"--to {target} is fewer experts than the router's k={k} (--to 1 makes a dense FFN)")
+                state = dict(model.state_dict())
+                for i, layer in enumerate(layers):
+                    groups = expert_groups(layer, target, method, usage.counts[i])
+                    weights_E = usage.counts[i] if method != "uniform" else torch.ones(layer.num_experts)
+                    prefix = names[id(layer)]
+                    for key in [k_ for k_ in state if k_.startswith(prefix + ".")]:
+                        del state[key]
+                    state.update({f"{prefix}.{key}": v for key, v in merged_layer_state(layer, groups, weights_E).items()})
+                new_cfg = config_with_experts(cfg, target, layers[0].experts.hidden * layers[0].experts.granularity)
+                merged = build_model(new_cfg)
+                merged.load_state_dict(state)
+                rows.append((method, target, evaluate(new_cfg, merged, args.split)))
+                if args.out is not None:
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    path = args.out / f"merged_{method}_E{target}.ckpt"
+                    torch.save({"state_dict": {f"model.{k_}": v for k_, v in merged.state_dict().items()},
+                                CONFIG_KEY: OmegaConf.to_container(new_cfg, resolve=True)}, path)
+    except ConfigError as error:
+        raise SystemExit(f"moelab: error: {error}") from None
+    metrics = [m for m in rows[0][2] if m.endswith(("/loss", "/acc", "/bpb"))]
+    print(f"{args.checkpoint}: {len(layers)} MoE layers, {args.split} split")
+    print("| method | experts per layer | " + " | ".join(metrics) + " |")
+    print("|---|---|" + "---|" * len(metrics))
+    for method, experts, values in rows:
+        print(f"| {method} | {experts} | " + " | ".join(f"{values.get(m, float('nan')):.4f}" for m in metrics) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

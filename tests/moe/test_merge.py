@@ -1,0 +1,102 @@
+"""Expert merging: weighted averages of expert stacks and router rows, groups by usage or
+similarity, and scripts/merge_experts.py end to end."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from moelab.checkpoints import CONFIG_KEY, load_model_weights
+from moelab.moe import ConfigError, GroupedExperts, HashRouter, MoELayer, TopKRouter
+from moelab.moe.merge import expert_groups, merged_layer_state
+from moelab.train import build_model
+
+from ..conftest import ROOT
+
+
+def layer(router=None, experts: int = 8, **expert_options) -> MoELayer:
+    torch.manual_seed(0)
+    router = router or functools.partial(TopKRouter, k=2)
+    return MoELayer(16, 32, router, functools.partial(GroupedExperts, num_experts=experts, activation="swiglu",
+                                                      **expert_options))
+
+
+def test_merged_stacks_and_router_rows_are_the_weighted_means():
+    moe = layer(bias=True)
+    groups = [[0, 3, 5], [1, 2], [4, 6, 7]]
+    weights = torch.arange(1.0, 9.0)
+    state = merged_layer_state(moe, groups, weights)
+    for key, stack in [("experts.w1_EDF", moe.experts.w1_EDF), ("experts.b2_ED", moe.experts.b2_ED),
+                       ("router.gate.weight", moe.router.gate.weight)]:
+        for g, members in enumerate(groups):
+            w = weights[members]
+            expected = sum(w_i * stack[e] for w_i, e in zip(w, members)) / w.sum()
+            torch.testing.assert_close(state[key][g], expected.detach(), msg=key)
+    merged = MoELayer(16, 32, functools.partial(TopKRouter, k=2),
+                      functools.partial(GroupedExperts, num_experts=3, activation="swiglu", bias=True))
+    merged.load_state_dict(state)  # the shapes of a 3-expert layer
+
+
+def test_merging_identical_experts_changes_nothing():
+    """Experts that are copies of each other merge into the same expert: with weights that
+    sum to 1 the layer computes what it did (whatever the new routing)."""
+    moe = layer()
+    with torch.no_grad():
+        for stack in moe.experts.expert_weights().values():
+            stack.copy_(stack[:1].expand_as(stack))
+    x = torch.randn(2, 5, 16)
+    before = moe(x)
+    groups = expert_groups(moe, 2, "usage", torch.ones(8))
+    merged = layer(experts=2)
+    merged.load_state_dict(merged_layer_state(moe, groups, torch.ones(8)))
+    torch.testing.assert_close(merged(x), before, atol=1e-6, rtol=1e-5)
+
+
+def test_similarity_groups_the_closest_experts():
+    moe = layer()
+    pairs = [(0, 5), (1, 4), (2, 7), (3, 6)]
+    with torch.no_grad():
+        for a, b in pairs:
+            for stack in moe.experts.expert_weights().values():
+                stack[b] = stack[a] + 1e-3 * torch.randn_like(stack[a])
+    groups = expert_groups(moe, 4, "similarity", torch.ones(8))
+    assert sorted(map(tuple, groups)) == sorted(pairs)
+    assert expert_groups(moe, 2, "usage", torch.ones(8)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_hash_maps_follow_their_experts_and_bad_targets_are_refused():
+    moe = layer(router=functools.partial(HashRouter, key="position", num_keys=16))
+    groups = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    state = merged_layer_state(moe, groups, torch.ones(8))
+    torch.testing.assert_close(state["router.expert_of_key"], moe.router.expert_of_key // 2)
+    with pytest.raises(ConfigError, match="must divide 8"):
+        expert_groups(moe, 3, "usage", torch.ones(8))
+    with pytest.raises(ConfigError, match="between 1 and the 8 experts"):
+        expert_groups(moe, 9, "uniform", torch.ones(8))
+
+
+def test_merge_script_reports_and_writes_loadable_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    fast = ["trainer=debug", "callbacks.progress=null", f"hydra.run.dir={run_dir}"]
+    assert subprocess.run([sys.executable, "train.py", *fast], cwd=ROOT, capture_output=True).returncode == 0
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    result = subprocess.run([sys.executable, "scripts/merge_experts.py", str(ckpt), "--to", "4", "1", "--method", "usage",
+                             "similarity", "--out", str(tmp_path / "merged")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "method" not in line]
+    assert [r.split(" | ")[:2] for r in rows] == [["| original", "8"], ["| usage", "4"], ["| usage", "1"],
+                                                   ["| similarity", "4"], ["| similarity", "1"]]
+    for name, experts in (("merged_usage_E4.ckpt", 4), ("merged_similarity_E1.ckpt", 1)):
+        path = tmp_path / "merged" / name
+        cfg = OmegaConf.create(torch.load(path, weights_only=True)[CONFIG_KEY])
+        model = build_model(cfg)
+        model.load_state_dict(load_model_weights(str(path)))  # strict: the shapes of `experts` per layer
+        assert cfg.experts == experts
+    bad = subprocess.run([sys.executable, "scripts/merge_experts.py", str(ckpt), "--to", "3"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("moelab: error: --method usage")
