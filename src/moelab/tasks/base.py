@@ -15,6 +15,7 @@ from moelab.moe.errors import ConfigError
 from moelab.moe.layer import after_optimizer_step, collect_aux_losses, moe_layers
 from moelab.parallel.fsdp_ep import clip_grads_, parallelize, sharded_grad_norm
 from moelab.runs import Diverged
+from moelab.tasks.finetune import freeze as freeze_groups
 from moelab.tasks.optim import adamw_param_groups, warmup_cosine
 
 
@@ -38,12 +39,24 @@ class MoETask(L.LightningModule):
         if self.device_mesh is not None:
             parallelize(self.model, self.device_mesh)
 
+    aux_loss_scale: float = 1.0
+
+    def fine_tune(self, freeze: list[str] | tuple[str, ...] = (), aux_loss_scale: float = 1.0) -> None:
+        """Fine-tuning recipes (moelab.tasks.finetune): freeze the named parameter groups
+        (`task.freeze=[experts]`, ...) and scale every auxiliary loss by `aux_loss_scale`."""
+        if isinstance(aux_loss_scale, bool) or not isinstance(aux_loss_scale, (int, float)) or not aux_loss_scale >= 0:
+            raise ConfigError(f"task.aux_loss_scale={aux_loss_scale} must be a number >= 0")
+        if isinstance(freeze, str):
+            freeze = [freeze]
+        self.aux_loss_scale = float(aux_loss_scale)
+        self.frozen = freeze_groups(self.model, freeze)
+
     def add_aux_losses(self, task_loss: Tensor) -> Tensor:
-        """task loss + Σ weighted aux losses of every MoE layer; logs each aux loss by name
-        (`train/aux/<name>`, unweighted, mean over layers)."""
+        """task loss + aux_loss_scale × Σ weighted aux losses of every MoE layer; logs each
+        aux loss by name (`train/aux/<name>`, unweighted, mean over layers)."""
         aux_total, aux_by_name = collect_aux_losses(self.model)
         self.log_dict({f"train/aux/{name}": value for name, value in aux_by_name.items()})
-        loss = task_loss if aux_total is None else task_loss + aux_total
+        loss = task_loss if aux_total is None else task_loss + self.aux_loss_scale * aux_total
         self._step_loss = loss.detach()
         return loss
 

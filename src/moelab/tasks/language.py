@@ -45,11 +45,14 @@ class LanguageModeling(MoETask):
         sample_prompt_tokens: int = 32,
         sample_temperature: float = 0.8,
         sample_seed: int = 0,
+        freeze: list[str] = (),
+        aux_loss_scale: float = 1.0,
     ) -> None:
         super().__init__()
         check_optimizer_hparams(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["model"])
         self.model = model
+        self.fine_tune(freeze, aux_loss_scale)
         self.eval_ce = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self._sample_prompt: Tensor | None = None
         self._epoch_start_time: float | None = None

@@ -23,11 +23,14 @@ class ImageClassification(MoETask):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.1,
+        freeze: list[str] = (),
+        aux_loss_scale: float = 1.0,
     ) -> None:
         super().__init__()
         check_optimizer_hparams(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["model"])
         self.model = model
+        self.fine_tune(freeze, aux_loss_scale)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
