@@ -1,7 +1,7 @@
 """The MoE layer and its swappable parts. Plain PyTorch: no Lightning, no Hydra."""
 
 from moelab.moe.errors import ConfigError
-from moelab.moe.experts import GroupedExperts
+from moelab.moe.experts import GroupedExperts, LoRAExperts
 from moelab.moe.layer import MoELayer, after_optimizer_step, collect_aux_losses, moe_layers
 from moelab.moe.losses import AUX_LOSSES, balance_loss, z_loss
 from moelab.moe.routers import (
@@ -27,6 +27,7 @@ __all__ = [
     "ExpertChoiceRouter",
     "GShardRouter",
     "GroupedExperts",
+    "LoRAExperts",
     "HashRouter",
     "MoELayer",
     "NoisyTopKRouter",

@@ -174,3 +174,81 @@ class DenseFFN(nn.Module):
             return self.dropout(_activate(self.activation, h_TH, gate_TH)) @ self.w2_HD
         gate_TH = None if gate_TH is None else gate_TH + self.b3_H
         return self.dropout(_activate(self.activation, h_TH + self.b1_H, gate_TH)) @ self.w2_HD + self.b2_D
+
+
+class LoRAExperts(nn.Module):
+    """E experts that share one dense FFN and differ by low-rank adapters (LoRA-MoE).
+
+    Expert e computes the base FFN with every projection W replaced by W + (α/r)·A_e B_e
+    (Hu et al. 2021's LoRA, one adapter per expert per projection, as in the LoRA-MoE
+    mixtures of the seed documents):
+        h = x W1 + (α/r) (x A1_e) B1_e,   likewise W3 for gated activations,
+        y = a W2 + (α/r) (a A2_e) B2_e,   a = act(h[, gate]).
+    The base is one dense matmul over all rows; the adapters are grouped matmuls over the
+    rows grouped by expert, so the routers, dispatch and statistics serve them unchanged.
+    B starts at zero, so at initialisation every expert is the base FFN and a router whose
+    weights sum to 1 gives exactly the base FFN. `train_base=False` freezes the base (only
+    adapters and router train). Rank r must be a multiple of 8 (grouped matmul alignment).
+    """
+
+    granularity = 1
+    num_shared = 0
+    shared_base = True  # every expert is the base FFN at init: MoELayer initialises the base like one FFN
+
+    def __init__(self, d_model: int, hidden: int, num_experts: int, activation: str = "swiglu", rank: int = 8,
+                 alpha: float = 16.0, train_base: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        check_num_experts(num_experts)
+        if not isinstance(rank, int) or rank < 8 or rank % 8:
+            raise ConfigError(f"expert.rank={rank} must be a multiple of 8 (grouped matmul rows are 16-byte aligned)")
+        if d_model % 8 or hidden % 8:
+            raise ConfigError(f"LoRA experts need d_model ({d_model}) and hidden ({hidden}) divisible by 8")
+        self.num_experts, self.d_model, self.hidden, self.rank = num_experts, d_model, hidden, rank
+        self.scale = float(alpha) / rank
+        self.base = DenseFFN(d_model, hidden, activation, dropout)
+        self.activation = activation
+        E, gated = num_experts, activation != "gelu"
+        self.a1_EDR, self.b1_ERF = nn.Parameter(torch.empty(E, d_model, rank)), nn.Parameter(torch.empty(E, rank, hidden))
+        self.a3_EDR = nn.Parameter(torch.empty(E, d_model, rank)) if gated else None
+        self.b3_ERF = nn.Parameter(torch.empty(E, rank, hidden)) if gated else None
+        self.a2_EFR, self.b2_ERD = nn.Parameter(torch.empty(E, hidden, rank)), nn.Parameter(torch.empty(E, rank, d_model))
+        self.train_base = train_base
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, in_std: float | None = None, out_std: float | None = None) -> None:
+        """The base like a DenseFFN (in_std, out_std); adapters A ~ N(0, 1/fan-in), B = 0."""
+        self.base.reset_parameters(in_std, out_std)
+        for a, fan_in in ((self.a1_EDR, self.d_model), (self.a3_EDR, self.d_model), (self.a2_EFR, self.hidden)):
+            if a is not None:
+                nn.init.normal_(a, std=fan_in**-0.5)
+        for b in (self.b1_ERF, self.b3_ERF, self.b2_ERD):
+            if b is not None:
+                b.zero_()
+        for p in self.base.parameters():
+            p.requires_grad_(self.train_base)
+
+    def _adapter(self, x_NI: Tensor, a_EIR: Tensor, b_ERO: Tensor, offsets_E: Tensor) -> Tensor:
+        return self.scale * grouped_mm(grouped_mm(x_NI, local_part(a_EIR), offsets_E), local_part(b_ERO), offsets_E)
+
+    def forward(self, x_ND: Tensor, group_sizes_E: Tensor) -> Tensor:
+        offsets_E = torch.cumsum(group_sizes_E, 0, dtype=torch.int32)
+        base = self.base
+        h_NF = x_ND @ base.w1_DH.to(x_ND.dtype)
+        h_NF = h_NF + self._adapter(x_ND, self.a1_EDR, self.b1_ERF, offsets_E).to(h_NF.dtype)
+        gate_NF = None
+        if base.w3_DH is not None:
+            gate_NF = x_ND @ base.w3_DH.to(x_ND.dtype)
+            gate_NF = gate_NF + self._adapter(x_ND, self.a3_EDR, self.b3_ERF, offsets_E).to(gate_NF.dtype)
+        a_NF = base.dropout(_activate(self.activation, h_NF, gate_NF))
+        y_ND = a_NF @ base.w2_HD.to(a_NF.dtype)
+        return y_ND + self._adapter(a_NF, self.a2_EFR, self.b2_ERD, offsets_E).to(y_ND.dtype)
+
+    def expert_weights(self) -> dict[str, nn.Parameter]:
+        """The per-expert adapter stacks (what expert parallelism splits); the base is dense."""
+        names = ("a1_EDR", "b1_ERF", "a3_EDR", "b3_ERF", "a2_EFR", "b2_ERD")
+        return {name: w for name in names if (w := getattr(self, name)) is not None}
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, rank={self.rank}, "
+                f"scale={self.scale}, train_base={self.train_base}")

@@ -169,6 +169,8 @@ class MoELayer(nn.Module):
         if init is None or fine is None:
             return  # experts of another kind initialise themselves
         routed = float(getattr(self.router, "experts_per_token", 1))
+        if getattr(self.experts, "shared_base", False):
+            routed = 1.0  # experts that start as one FFN mix to that FFN: Σ g² does not shrink it
         twin = dense_hidden or self.dense_hidden or round((routed + self.num_shared) * fine)
         in_std = self.experts.d_model**-0.5 if in_std is None else in_std
         out_std = twin**-0.5 if out_std is None else out_std

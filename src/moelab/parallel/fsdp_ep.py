@@ -45,6 +45,11 @@ def split_experts(model: nn.Module, ep_mesh: DeviceMesh) -> None:
         experts = layer.experts
         if not hasattr(experts, "expert_weights"):
             raise ConfigError(f"{type(experts).__name__} has no expert weight stacks to split across ep ranks")
+        if getattr(experts, "shared_base", False) and ep > 1:
+            raise ConfigError(
+                f"{type(experts).__name__} share one base FFN, whose gradients would need reducing over the ep ranks "
+                "as well: run expert=lora with ep=1 (trainer=fsdp or ddp)"
+            )
         check_ep(ep_mesh.size(), ep, layer.num_experts)
         for name, weight in experts.expert_weights().items():
             if not isinstance(weight, DTensor):
