@@ -26,12 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from moelab.data.digits import DigitsDataModule
     from moelab.moe import collect_aux_losses
     from moelab.parallel.fsdp_ep import build_mesh, expert_parameter_bytes, parallelize
+    from moelab.train import build_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -39,7 +38,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experts={args.experts}"])
     torch.manual_seed(0)
-    model = instantiate(cfg.model, router=cfg.router, expert=cfg.expert, aux_loss_weights=OmegaConf.to_container(cfg.loss))
+    model = build_model(cfg)
     unsharded_bytes = expert_parameter_bytes(model)
     parallelize(model, build_mesh("cpu", world, world))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 
 from moelab.models.lm import MoELM, RMSNorm, apply_rope, rope_angles
 from moelab.moe import ConfigError, GroupedExperts, MoELayer, TopKRouter
+from moelab.train import build_model as model_of
 
 from ..conftest import CONF, compose_config
 
@@ -163,16 +164,11 @@ def test_dense_model_accepts_any_router_since_none_is_built(tmp_path):
 
 
 def test_lm_small_gpu_is_gpt2_small_sized_with_dense_active_flops(tmp_path):
-    from omegaconf import OmegaConf
-
     def build(*overrides: str) -> MoELM:
         cfg = compose_config(tmp_path, "experiment=lm_small_gpu", *overrides)
         assert cfg.trainer.precision == "bf16-mixed" and cfg.optimized_metric == "val/bpb"
         with torch.device("meta"):  # shapes only: no memory, no init cost
-            return instantiate(
-                cfg.model, router=cfg.router, expert=cfg.expert,
-                aux_loss_weights=OmegaConf.to_container(cfg.loss), _convert_="all",
-            )
+            return model_of(cfg)
 
     moe, dense = build(), build("model.moe_every=0")
     gates = sum(b.ffn.router.gate.weight.numel() for b in moe.blocks if isinstance(b.ffn, MoELayer))

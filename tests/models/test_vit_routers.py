@@ -4,12 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from moelab.data.digits import DigitsDataModule
 from moelab.moe import ConfigError, collect_aux_losses
 from moelab.moe.layer import after_optimizer_step
+from moelab.train import build_model as model_of
 
 from ..conftest import CONF, compose_config
 
@@ -25,13 +24,7 @@ def digits_batches():
 
 def build_model(tmp_path: Path, *overrides: str):
     cfg = compose_config(tmp_path, "model.embed_dim=32", "model.depth=2", "model.moe_every=1", *overrides)
-    return instantiate(
-        cfg.model,
-        router=cfg.router,
-        expert=cfg.expert,
-        aux_loss_weights=OmegaConf.to_container(cfg.loss),
-        _convert_="all",
-    )
+    return model_of(cfg)
 
 
 @pytest.mark.parametrize("router", ROUTERS)

@@ -11,8 +11,6 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from moelab.moe import (
     ConfigError,
@@ -28,6 +26,7 @@ from moelab.moe import (
 )
 from moelab.moe.experts import DenseFFN
 from moelab.moe.layer import active_parameters
+from moelab.train import build_model as model_of
 
 from ..conftest import compose_config
 
@@ -36,8 +35,7 @@ def build(tmp_path, *overrides: str):
     cfg = compose_config(tmp_path, *overrides)
     if cfg.model._target_.endswith("MoELM"):
         cfg.model.vocab_size = 256
-    return instantiate(cfg.model, router=cfg.router, expert=cfg.expert,
-                       aux_loss_weights=OmegaConf.to_container(cfg.loss), _convert_="all")
+    return model_of(cfg)
 
 
 def unit_rms_tokens(num_tokens: int, d_model: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from moelab.data.digits import DigitsDataModule
 from moelab.parallel.checkpoint import load_sharded_into
+from moelab.train import build_model as model_of
 
 from ..conftest import compose_config
 from ..test_train import train_cli
@@ -34,8 +35,7 @@ def test_fsdp_ep_run_writes_once_and_resumes_into_ep1_and_one_process(tmp_path):
 
     # The ep=2 checkpoint in one process, for inference: same test accuracy as the run's own test.
     cfg = compose_config(tmp_path / "single")
-    task = instantiate(cfg.task, model=instantiate(cfg.model, router=cfg.router, expert=cfg.expert,
-                                                   aux_loss_weights=OmegaConf.to_container(cfg.loss)))
+    task = instantiate(cfg.task, model=model_of(cfg))
     load_sharded_into(task, checkpoint).eval()
     data = DigitsDataModule()
     data.setup()

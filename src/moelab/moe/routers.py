@@ -112,9 +112,15 @@ class TokenChoiceRouter(nn.Module):
         context: RoutingContext | None,
         active_TK: Tensor | None = None,
         load_estimate_E: Tensor | None = None,
+        allowed_TE: Tensor | None = None,
     ) -> Routing:
-        """Top-k of `selection_TE`, weights from `gates_TE` (renormalised if `normalize`)."""
+        """Top-k of `selection_TE`, weights from `gates_TE` (renormalised if `normalize`).
+        `allowed_TE` (a token mask): choices of experts not allowed for their token are
+        skipped (no row output, not counted), as when a token has fewer allowed experts than k."""
         selected_TK = selection_TE.topk(self.k, dim=-1).indices
+        if allowed_TE is not None:
+            allowed_TK = allowed_TE.gather(1, selected_TK)
+            active_TK = allowed_TK if active_TK is None else active_TK & allowed_TK
         raw_TK = gates_TE.gather(1, selected_TK)
         weights_TK = raw_TK / raw_TK.sum(dim=-1, keepdim=True) if self.normalize else raw_TK
         capacity = self.capacity(logits_TE.shape[0])
@@ -142,6 +148,14 @@ class TopKRouter(TokenChoiceRouter):
     Dropless unless `capacity_factor` is set: then each expert keeps C = ⌈cf · k · T / E⌉
     assignments and the overflow is dropped (its token passes through the residual).
     For sigmoid scores the balance loss reads s normalised to sum to 1 per token.
+
+    `token_mask="frequency"` (language models) is MaskMoE's routing mask (Su et al. 2024):
+    every vocabulary id has a fixed set of allowed experts, and the others get logit −inf
+    before the scores and the top-k. The rarest `rare_share` of the ids (by training
+    count, fitted by the language task from the training split) get one expert each,
+    dealt so their token mass is balanced across experts; the other ids get every expert.
+    A rare token's choices beyond its one expert are skipped (weight 0, no row counted).
+    The mask is a buffer: checkpoints carry it.
     """
 
     def __init__(
@@ -154,21 +168,60 @@ class TopKRouter(TokenChoiceRouter):
         capacity_factor: float | None = None,
         eval_capacity_factor: float | None = None,
         batch_priority: bool = False,
+        token_mask: str | None = None,
+        rare_share: float = 0.5,
+        vocab_size: int | None = None,
+        layer_index: int = 0,
     ) -> None:
         super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor, batch_priority)
         if score not in ("softmax", "sigmoid"):
             raise ConfigError(f"router.score='{score}' is unknown: pick softmax or sigmoid")
         self.score = score
         self.gate = linear_gate(d_model, num_experts)
+        if token_mask not in (None, "frequency"):
+            raise ConfigError(f"router.token_mask={token_mask!r} is unknown: pick null or frequency")
+        self.token_mask, self.rare_share = token_mask, rare_share
+        if token_mask is not None:
+            if vocab_size is None:
+                raise ConfigError("router.token_mask masks experts per token id: use it with the language model (model=lm)")
+            if not 0.0 <= rare_share <= 1.0:
+                raise ConfigError(f"router.rare_share={rare_share} must be between 0 and 1")
+            self.mask_seed = layer_seed(0, layer_index)
+            self.register_buffer("allowed_VE", torch.ones(vocab_size, num_experts, dtype=torch.bool))
+
+    @property
+    def needs_token_ids(self) -> bool:
+        return self.token_mask is not None
+
+    @torch.no_grad()
+    def fit_token_mask(self, counts_V: Tensor) -> None:
+        """The MaskMoE mask from each id's training count (class docstring)."""
+        vocab = self.allowed_VE.shape[0]
+        counts_V = torch.as_tensor(counts_V).flatten()
+        if counts_V.numel() > vocab:
+            raise ConfigError(f"router.token_mask: the data has {counts_V.numel()} token ids, the model's vocabulary {vocab}")
+        frequency_V = torch.zeros(vocab, dtype=torch.float64)
+        frequency_V[: counts_V.numel()] = counts_V.double()
+        rare_V = torch.argsort(frequency_V, stable=True)[: round(self.rare_share * vocab)]
+        expert_of_id = frequency_balanced_key_map(frequency_V[rare_V], self.num_experts, self.mask_seed)
+        self.allowed_VE.fill_(True)
+        self.allowed_VE[rare_V] = False
+        self.allowed_VE[rare_V, expert_of_id] = True
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
         logits_TE = router_logits(x_TD, self.gate.weight)
+        allowed_TE = None
+        if self.token_mask is not None:
+            if context is None or context.token_ids_T is None:
+                raise ConfigError("router.token_mask needs the token ids: use it with the language model (model=lm)")
+            allowed_TE = self.allowed_VE[context.token_ids_T.to(x_TD.device)]
+            logits_TE = logits_TE.masked_fill(~allowed_TE, float("-inf"))
         if self.score == "softmax":
             scores_TE = probs_TE = logits_TE.softmax(dim=-1)
         else:
             scores_TE = torch.sigmoid(logits_TE)
             probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-        return self.plan(logits_TE, probs_TE, scores_TE, scores_TE, context)
+        return self.plan(logits_TE, probs_TE, scores_TE, scores_TE, context, allowed_TE=allowed_TE)
 
 
 class GShardRouter(TokenChoiceRouter):

@@ -70,14 +70,18 @@ class LanguageModeling(MoETask):
         training split's token counts, before any parallel wrapping; the same data give the
         same maps, and checkpoints carry them."""
         routers = [layer.router for layer in moe_layers(self.model) if getattr(layer.router, "balance", None) == "frequency"]
-        if not routers:
+        masked = [layer.router for layer in moe_layers(self.model) if getattr(layer.router, "token_mask", None)]
+        if not routers and not masked:
             return
         token_counts = getattr(self.trainer.datamodule, "token_counts", None)
         if token_counts is None:
-            raise ConfigError("router.balance=frequency needs the training data's token counts: use a text datamodule")
+            what = "router.balance=frequency" if routers else "router.token_mask"
+            raise ConfigError(f"{what} needs the training data's token counts: use a text datamodule")
         counts = torch.from_numpy(token_counts("train"))
         for router in routers:
             router.fit_key_frequencies(counts)
+        for router in masked:
+            router.fit_token_mask(counts)
 
     def bytes_per_token(self, split: str) -> float | None:
         """Bytes of text per token of `split`: the task's setting, else the datamodule's

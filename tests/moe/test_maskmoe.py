@@ -1,0 +1,83 @@
+"""MaskMoE (router.token_mask=frequency): the rarest ids keep one fixed expert, masked
+experts are never selected, the mask is fitted from the training split and checkpointed."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from moelab.moe import GroupedExperts, MoELayer, TopKRouter
+from moelab.moe.layer import moe_layers
+from moelab.train import build, run
+
+from ..conftest import compose_config
+
+COUNTS = torch.tensor([100, 1, 50, 2, 3, 80, 0, 0, 7, 9, 40, 11])
+
+
+def masked_layer(k: int = 2) -> MoELayer:
+    torch.manual_seed(0)
+    router = functools.partial(TopKRouter, k=k, token_mask="frequency", rare_share=0.5)
+    layer = MoELayer(16, 32, router, functools.partial(GroupedExperts, num_experts=4, activation="swiglu"),
+                     router_facts={"vocab_size": 12})
+    layer.router.fit_token_mask(COUNTS)
+    return layer
+
+
+def test_the_rarest_half_get_one_expert_balanced_and_the_rest_all():
+    allowed = masked_layer().router.allowed_VE
+    rare = torch.argsort(COUNTS, stable=True)[:6]
+    assert torch.equal(allowed[rare].sum(1), torch.ones(6, dtype=torch.long))
+    frequent = torch.tensor([i for i in range(12) if i not in rare.tolist()])
+    assert bool(allowed[frequent].all())
+    # the six rare ids spread over the 4 experts (no expert gets more than 2)
+    assert allowed[rare].sum(0).max() <= 2
+
+
+def test_masked_experts_are_never_selected_and_rare_tokens_use_their_expert():
+    layer = masked_layer()
+    ids = torch.randint(0, 12, (3, 20))
+    x = torch.randn(3, 20, 16)
+    out = layer(x, token_ids=ids)
+    plan = layer.last_plan
+    allowed_TE = layer.router.allowed_VE[ids.reshape(-1)]
+    kept = torch.ones_like(plan.selected_experts_TK, dtype=torch.bool) if plan.kept_TK is None else plan.kept_TK
+    chosen_allowed = allowed_TE.gather(1, plan.selected_experts_TK)
+    assert bool((chosen_allowed | ~kept).all())  # a processed choice is always an allowed expert
+    assert bool((plan.router_probs_TE[~allowed_TE] == 0).all())
+    counted = torch.zeros(4, dtype=torch.long).scatter_add_(0, plan.selected_experts_TK[kept], torch.ones_like(plan.selected_experts_TK[kept]))
+    assert torch.equal(plan.tokens_per_expert_E, counted)
+    # A rare token's output is its one expert's output (weight 1).
+    rare = [t for t, i in enumerate(ids.reshape(-1).tolist()) if layer.router.allowed_VE[i].sum() == 1]
+    t = rare[0]
+    e = int(layer.router.allowed_VE[ids.reshape(-1)[t]].nonzero())
+    x_t = x.reshape(-1, 16)[t : t + 1]
+    expected = layer.experts(x_t, torch.nn.functional.one_hot(torch.tensor(e), 4))
+    torch.testing.assert_close(out.reshape(-1, 16)[t], expected[0], atol=1e-5, rtol=1e-4)
+    assert "router.allowed_VE" in layer.state_dict()
+
+
+FAST = ["experiment=lm_pystdlib", "trainer=debug", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "data.seq_len=32", "data.batch_size=4",
+        "data.max_bytes=200000", "model.d_model=32", "model.ffn_hidden=64", "model.depth=2", "model.num_heads=2",
+        "task.sample_tokens=0", "callbacks.progress=null", "router.token_mask=frequency"]
+
+
+def test_the_language_task_fits_the_mask_from_the_training_split(tmp_path):
+    datamodule, task, trainer = build(compose_config(tmp_path, *FAST))
+    trainer.fit(task, datamodule=datamodule)
+    counts = torch.from_numpy(datamodule.token_counts("train"))
+    router = moe_layers(task.model)[0].router
+    single = router.allowed_VE.sum(1) == 1
+    assert int(single.sum()) == 128  # half of the 256 byte values
+    full = torch.zeros(256, dtype=torch.float64)
+    full[: counts.numel()] = counts.double()
+    assert full[single].max() <= full[~single].min()  # the rare ones are the least frequent
+
+
+def test_images_have_no_token_ids_for_a_mask(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        run(compose_config(tmp_path, "trainer=debug", "router.token_mask=frequency"))
+    assert "router.token_mask masks experts per token id: use it with the language model" in str(info.value)
