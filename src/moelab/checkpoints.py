@@ -216,6 +216,18 @@ def check_resumable(path: str, task: nn.Module, sharded_strategy: bool, config: 
 def load_model_weights(path: str, key: str = "init_from") -> dict[str, torch.Tensor]:
     """The model weights (`model.` entries of the state dict, prefix removed) of a
     single-file checkpoint, loaded with weights_only=True; one-line errors name `key`."""
+    return model_weights_of(read_checkpoint(path, key), path, key)
+
+
+def model_weights_of(checkpoint: Mapping[str, Any], path: str, key: str) -> dict[str, torch.Tensor]:
+    state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"{key}={path} holds no model state (no 'state_dict'): it is not a Lightning checkpoint")
+    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.") and isinstance(v, torch.Tensor)}
+
+
+def read_checkpoint(path: str, key: str) -> Mapping[str, Any]:
+    """A single-file checkpoint (weights_only loading); one-line errors name `key`."""
     try:
         if not is_url(path):
             location = Path(path)
@@ -226,13 +238,9 @@ def load_model_weights(path: str, key: str = "init_from") -> dict[str, torch.Ten
                     f"ckpt_path={path} is a sharded checkpoint folder (trainer=fsdp/fsdp_ep): gather it into one "
                     "process with moelab.parallel.checkpoint.load_sharded_into and save that"
                 )
-        checkpoint = _load_file(path)
+        return _load_file(path)
     except ConfigError as error:
         raise ConfigError(str(error).replace("ckpt_path", key)) from None
-    state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None
-    if not isinstance(state, Mapping):
-        raise ConfigError(f"{key}={path} holds no model state (no 'state_dict'): it is not a Lightning checkpoint")
-    return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.") and isinstance(v, torch.Tensor)}
 
 
 def start_from_weights(model: nn.Module, path: str, upcycle: bool = False, noise: float = 0.0,

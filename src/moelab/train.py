@@ -364,6 +364,10 @@ def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
                                   seed=cfg.seed)
         if trainer.is_global_zero:
             log.info(line)
+    if cfg.get("teacher"):  # attached on every start, resumed or not: checkpoints leave it out
+        from moelab.loading import load_model
+
+        task.attach_teacher(load_model(str(cfg.teacher)))
     # weights_only=True always, URLs included (Lightning would unpickle those in full).
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if run_state.last is not None and run_state.last.signal is not None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.moe.errors import ConfigError
@@ -17,6 +18,15 @@ from moelab.parallel.fsdp_ep import clip_grads_, parallelize, sharded_grad_norm
 from moelab.runs import Diverged
 from moelab.tasks.finetune import freeze as freeze_groups
 from moelab.tasks.optim import adamw_param_groups, warmup_cosine
+
+
+def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """T² · KL(softmax(t/T) ‖ softmax(s/T)), averaged over every position with a class
+    distribution (last dim), in fp32. The T² keeps its gradient on the scale of the CE's
+    as T changes (Hinton et al. 2015)."""
+    s = F.log_softmax(student_logits.float().flatten(0, -2) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().flatten(0, -2) / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
 
 class MoETask(L.LightningModule):
@@ -50,6 +60,43 @@ class MoETask(L.LightningModule):
             freeze = [freeze]
         self.aux_loss_scale = float(aux_loss_scale)
         self.frozen = freeze_groups(self.model, freeze)
+
+    teacher: nn.Module | None = None
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
+
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        """Distil from a frozen `teacher` (e.g. a trained MoE into a dense student): the task
+        loss becomes (1 − w)·CE + w·T²·KL(softmax(t/T) ‖ softmax(s/T)) (Hinton et al. 2015;
+        Fedus et al. 2021, sec. 5), w = task.distill_weight, T = task.distill_temperature.
+        The teacher is kept out of the state dict and the optimizer."""
+        weight = self.hparams.get("distill_weight", 0.5)
+        temperature = self.hparams.get("distill_temperature", 2.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+            raise ConfigError(f"task.distill_weight={weight} must be between 0 and 1")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ConfigError(f"task.distill_temperature={temperature} must be a number > 0")
+        teacher.eval().requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: not saved, not trained
+        self.distill_weight, self.distill_temperature = float(weight), float(temperature)
+
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def with_teacher(self, ce: Tensor, student_logits: Tensor, inputs: Tensor) -> Tensor:
+        """`ce`, or with a teacher attached the distillation mix (attach_teacher); logs
+        `train/distill_kl`."""
+        if self.teacher is None:
+            return ce
+        with torch.no_grad():
+            teacher_logits = self.teacher(inputs)
+        if teacher_logits.shape != student_logits.shape:
+            raise ConfigError(f"the teacher's logits are {tuple(teacher_logits.shape)}, the student's "
+                              f"{tuple(student_logits.shape)}: distil from a model of the same data and classes")
+        kl = distillation_kl(student_logits, teacher_logits, self.distill_temperature)
+        self.log("train/distill_kl", kl)
+        return (1 - self.distill_weight) * ce + self.distill_weight * kl
 
     def add_aux_losses(self, task_loss: Tensor) -> Tensor:
         """task loss + aux_loss_scale × Σ weighted aux losses of every MoE layer; logs each

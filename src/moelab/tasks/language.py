@@ -47,6 +47,8 @@ class LanguageModeling(MoETask):
         sample_seed: int = 0,
         freeze: list[str] = (),
         aux_loss_scale: float = 1.0,
+        distill_weight: float = 0.5,
+        distill_temperature: float = 2.0,
     ) -> None:
         super().__init__()
         check_optimizer_hparams(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
@@ -99,7 +101,7 @@ class LanguageModeling(MoETask):
         inputs, targets = batch
         logits = self(inputs)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        loss = self.add_aux_losses(ce)
+        loss = self.add_aux_losses(self.with_teacher(ce, logits, inputs))
         self.log_dict({"train/loss": loss, "train/ce": ce}, prog_bar=True)
         self._log_throughput(inputs.numel())
         return loss

@@ -25,6 +25,8 @@ class ImageClassification(MoETask):
         min_lr_ratio: float = 0.1,
         freeze: list[str] = (),
         aux_loss_scale: float = 1.0,
+        distill_weight: float = 0.5,
+        distill_temperature: float = 2.0,
     ) -> None:
         super().__init__()
         check_optimizer_hparams(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
@@ -42,7 +44,7 @@ class ImageClassification(MoETask):
         images, labels = batch
         logits = self(images)
         ce = F.cross_entropy(logits, labels)
-        loss = self.add_aux_losses(ce)
+        loss = self.add_aux_losses(self.with_teacher(ce, logits, images))
         self.train_acc(logits, labels)
         self.log_dict({"train/loss": loss, "train/ce": ce, "train/acc": self.train_acc}, prog_bar=True)
         return loss

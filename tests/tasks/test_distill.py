@@ -1,0 +1,57 @@
+"""Distillation: the loss mixes CE with T²·KL to a frozen teacher's logits, written out here;
+train.py distils a dense student from an MoE checkpoint and keeps the teacher out of its
+checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moelab.tasks.base import distillation_kl
+from moelab.train import build, run
+
+from ..conftest import compose_config
+
+VIT_FAST = ["trainer=debug", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "callbacks.progress=null"]
+
+
+def test_distillation_kl_is_the_temperature_scaled_kl_written_out():
+    torch.manual_seed(0)
+    s, t, T = torch.randn(3, 5, 7), torch.randn(3, 5, 7), 2.5
+    p_t = torch.softmax(t / T, -1)
+    expected = (p_t * (p_t.log() - torch.log_softmax(s / T, -1))).sum(-1).mean() * T**2
+    torch.testing.assert_close(distillation_kl(s, t, T), expected)
+    assert distillation_kl(t, t, T).abs() < 1e-6
+
+
+def test_the_training_loss_mixes_ce_and_kl_to_the_frozen_teacher(tmp_path):
+    run(compose_config(tmp_path / "teacher", *VIT_FAST))
+    teacher_ckpt = tmp_path / "teacher" / "checkpoints" / "last.ckpt"
+    cfg = compose_config(tmp_path / "student", *VIT_FAST, "model.moe_every=0", f"teacher={teacher_ckpt}",
+                         "task.distill_weight=0.3", "task.distill_temperature=3.0")
+    datamodule, task, _ = build(cfg)
+    from moelab.loading import load_model
+
+    teacher = load_model(str(teacher_ckpt))
+    task.attach_teacher(teacher)
+    task.log = task.log_dict = lambda *args, **kwargs: None  # outside a Trainer
+    images, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 3, 5, 9])
+    logits = task(images)
+    ce = F.cross_entropy(logits, labels)
+    mixed = task.with_teacher(ce, logits, images)
+    expected = 0.7 * ce + 0.3 * distillation_kl(logits, teacher(images), 3.0)
+    torch.testing.assert_close(mixed, expected)
+    assert "teacher" not in dict(task.named_children()) and not any(k.startswith("teacher") for k in task.state_dict())
+
+
+def test_train_py_distils_a_dense_student_from_an_moe(tmp_path):
+    run(compose_config(tmp_path / "teacher", *VIT_FAST))
+    teacher_ckpt = tmp_path / "teacher" / "checkpoints" / "last.ckpt"
+    run(compose_config(tmp_path / "student", *VIT_FAST, "model.moe_every=0", f"teacher={teacher_ckpt}"))
+    student = torch.load(tmp_path / "student" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not any("experts" in k for k in student) and not any(k.startswith("teacher") for k in student)
+    with pytest.raises(SystemExit) as info:
+        run(compose_config(tmp_path / "bad", *VIT_FAST, "teacher=/no/such.ckpt"))
+    assert "teacher=/no/such.ckpt does not exist" in str(info.value)
