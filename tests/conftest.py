@@ -12,6 +12,23 @@ from omegaconf import DictConfig, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+# A few CPU steps through every stage: the default ViT, and a tiny byte-level LM.
+VIT_FAST = ["trainer=debug", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1", "callbacks.progress=null"]
+LM_FAST = [*VIT_FAST, "experiment=lm_pystdlib", "data.seq_len=32", "data.batch_size=4", "data.max_bytes=200000",
+           "model.d_model=32", "model.ffn_hidden=64", "model.depth=2", "model.num_heads=2", "task.sample_tokens=0"]
+
+
+def one_line_error(cfg: DictConfig) -> str:
+    """Run `cfg` expecting moelab's one-line refusal; returns the line."""
+    from moelab.train import run
+
+    with pytest.raises(SystemExit) as info:
+        run(cfg)
+    line = str(info.value)
+    assert "\n" not in line and line.startswith("moelab: error: "), line
+    return line
+
 
 def compose_config(output_dir: Path, *overrides: str) -> DictConfig:
     """The config `python train.py <overrides>` would run, writing into output_dir."""
