@@ -70,8 +70,8 @@ def test_four_ranks_dp2_ep2_match_one_process_for_every_router(dp2_ep2_run):
 
 
 def test_expert_bytes_fall_by_ep(ep2_run, dp2_ep2_run):
-    full_bytes = sum(p.numel() * 4 for n, p in workers.make_model("topk").named_parameters() if n.endswith(("_EDF", "_EFD")))
-    # ep=2 splits experts in two; FSDP then halves them again over dp=2.
+    full_bytes = sum(w.numel() * 4 for w in workers.make_model("topk").moe.experts.expert_weights().values())
+    # ep=2 splits the expert stacks (weights and biases) in two; FSDP then halves them again over dp=2.
     assert ep2_run[0]["expert_bytes"] == full_bytes // 2
     assert dp2_ep2_run["expert_bytes"] == full_bytes // 4
 
