@@ -590,14 +590,14 @@ def main() -> None:
         "",
         "Every number below comes from `python scripts/reproduce.py` (2 CPU cores); each table is mean ± "
         "sample std over seeds (n runs). Studies not yet run say so. `python scripts/reproduce.py` runs "
-        "the default set (every study but " + ", ".join(f"`{s.name}`" for s in STUDIES if not s.default) + ", which "
-        "run when named with `--study`).",
+        "the default set: every study but " + ", ".join(f"`{s.name}`" for s in STUDIES if not s.default) + ", which "
+        "`--study <name>` runs.",
         "",
     ]
     recorded = [k for k in timings if k.split("/")[0] in {s.name for s in STUDIES}]
     if recorded:
         page += [f"The sweeps' wall times add up to {sum(timings[k] for k in recorded):.0f} minutes "
-                 f"({len(recorded)} sweeps recorded in `{timings_file.name}`).", ""]
+                 f"({len(recorded)} sweeps recorded in `outputs/reproduce/{timings_file.name}`).", ""]
     for study in STUDIES:
         outside = "" if study.default else " (outside the default set)"
         page.append(sections.get(study.name, f"## {study.title}\n\nNot run yet{outside}: "
