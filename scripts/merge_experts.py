@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch import Callback
 from omegaconf import OmegaConf, open_dict
 
-from moelab.checkpoints import CONFIG_KEY, load_model_weights
+from moelab.checkpoints import CONFIG_KEY, model_weights_of, read_checkpoint
 from moelab.moe.errors import ConfigError
 from moelab.moe.layer import moe_layers
 from moelab.moe.merge import METHODS, expert_groups, merged_layer_state
@@ -78,17 +78,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write each merged checkpoint into this folder")
     args = parser.parse_args()
     try:
-        checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        config = checkpoint.get(CONFIG_KEY) if isinstance(checkpoint, dict) else None
-    except Exception as error:  # noqa: BLE001 - one line below
-        raise SystemExit(f"moelab: error: {args.checkpoint} is not a checkpoint moelab can read ({type(error).__name__})")
-    if config is None:
-        raise SystemExit(f"moelab: error: {args.checkpoint} carries no run config: merge a checkpoint written by train.py")
-    try:
-        cfg = OmegaConf.create(config)
-        weights = load_model_weights(args.checkpoint, key="checkpoint")
+        # One weights_only load, with the same one-line errors as init_from and teacher.
+        checkpoint = read_checkpoint(args.checkpoint, key="checkpoint")
+        if checkpoint.get(CONFIG_KEY) is None:
+            raise ConfigError(f"{args.checkpoint} carries no run config: merge a checkpoint written by train.py")
+        cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
         model = build_model(cfg)
-        model.load_state_dict(weights)
+        model.load_state_dict(model_weights_of(checkpoint, args.checkpoint, "checkpoint"))
         usage = Usage()
         base = evaluate(cfg, model, args.split, usage)
         layers = moe_layers(model)
