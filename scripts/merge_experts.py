@@ -9,7 +9,10 @@ the tokens of a calibration split (`--split`, default val) or equally. Prints on
 validation loss (and accuracy or bits per byte) of the original model and of each
 (method, E') merge, evaluated with the run's own task on `--split`. With `--out`, each
 merged model is saved as `merged_<method>_E<E'>.ckpt`: the run's config with experts=E',
-loadable as `init_from=` (fine-tuning the merged model) or `ckpt_path=`-checked.
+loadable as `init_from=` (fine-tuning the merged model) or `teacher=`. A sharded checkpoint
+folder (written under `trainer=fsdp`/`fsdp_ep`) is read in this process, and the merged
+checkpoints are written as sharded folders too (`merged_<method>_E<E'>/`, the layout those
+trainers write), so `init_from=` under `trainer=fsdp_ep` reads them like any run's.
 `--to 1` merges each layer into one dense FFN (saved as a one-expert layer with
 router=dense: every token, weight 1). A merge to 1 < E' < k is refused: the router needs k.
 """
@@ -26,7 +29,7 @@ import torch
 from lightning.pytorch import Callback
 from omegaconf import OmegaConf, open_dict
 
-from moelab.checkpoints import CONFIG_KEY, model_weights_of, read_checkpoint
+from moelab.checkpoints import read_model_state, save_model_state
 from moelab.moe.errors import ConfigError
 from moelab.moe.layer import moe_layers
 from moelab.moe.merge import METHODS, expert_groups, merged_layer_state
@@ -71,7 +74,7 @@ def config_with_experts(cfg, experts: int, width: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", help="a checkpoint written by train.py (single file)")
+    parser.add_argument("checkpoint", help="a checkpoint written by train.py (a file, or a sharded folder)")
     parser.add_argument("--to", type=int, nargs="+", required=True, help="experts per layer after merging")
     parser.add_argument("--method", nargs="+", default=["usage"], choices=METHODS)
     parser.add_argument("--split", default="val", choices=["val", "test"], help="calibration and evaluation split")
@@ -79,17 +82,19 @@ def main() -> None:
     args = parser.parse_args()
     try:
         # One weights_only load, with the same one-line errors as init_from and teacher.
-        checkpoint = read_checkpoint(args.checkpoint, key="checkpoint")
-        if checkpoint.get(CONFIG_KEY) is None:
+        weights, config = read_model_state(args.checkpoint, key="checkpoint")
+        if config is None:
             raise ConfigError(f"{args.checkpoint} carries no run config: merge a checkpoint written by train.py")
-        cfg = OmegaConf.create(checkpoint[CONFIG_KEY])
+        cfg = OmegaConf.create(config)
         model = build_model(cfg)
-        model.load_state_dict(model_weights_of(checkpoint, args.checkpoint, "checkpoint"))
+        model.load_state_dict(weights)
+        sharded = Path(args.checkpoint).is_dir()
         usage = Usage()
         base = evaluate(cfg, model, args.split, usage)
         layers = moe_layers(model)
         names = {id(m): n for n, m in model.named_modules()}
         rows = [("original", layers[0].num_experts, base)]
+        written: list[str] = []
         k = getattr(layers[0].router, "k", None)
         for method in args.method:
             for target in args.to:
@@ -109,9 +114,12 @@ def main() -> None:
                 rows.append((method, target, evaluate(new_cfg, merged, args.split)))
                 if args.out is not None:
                     args.out.mkdir(parents=True, exist_ok=True)
-                    path = args.out / f"merged_{method}_E{target}.ckpt"
-                    torch.save({"state_dict": {f"model.{k_}": v for k_, v in merged.state_dict().items()},
-                                CONFIG_KEY: OmegaConf.to_container(new_cfg, resolve=True)}, path)
+                    name = f"merged_{method}_E{target}" + ("" if sharded else ".ckpt")
+                    path = save_model_state(args.out / name, merged.state_dict(),
+                                            OmegaConf.to_container(new_cfg, resolve=True), sharded)
+                    router = " router=dense" if target == 1 else ""
+                    written.append(f"{path}: train on with the run's overrides plus init_from={path} "
+                                   f"experts={target} model.expert_hidden={new_cfg.model.expert_hidden}{router}")
     except ConfigError as error:
         raise SystemExit(f"moelab: error: {error}") from None
     metrics = [m for m in rows[0][2] if m.endswith(("/loss", "/acc", "/bpb"))]
@@ -120,6 +128,8 @@ def main() -> None:
     print("|---|---|" + "---|" * len(metrics))
     for method, experts, values in rows:
         print(f"| {method} | {experts} | " + " | ".join(f"{values.get(m, float('nan')):.4f}" for m in metrics) + " |")
+    for line in written:
+        print(line)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,8 +216,8 @@ def check_resumable(path: str, task: nn.Module, sharded_strategy: bool, config: 
 
 def load_model_weights(path: str, key: str = "init_from") -> dict[str, torch.Tensor]:
     """The model weights (`model.` entries of the state dict, prefix removed) of a
-    single-file checkpoint, loaded with weights_only=True; one-line errors name `key`."""
-    return model_weights_of(read_checkpoint(path, key), path, key)
+    checkpoint file or sharded folder; one-line errors name `key`."""
+    return read_model_state(path, key)[0]
 
 
 def model_weights_of(checkpoint: Mapping[str, Any], path: str, key: str) -> dict[str, torch.Tensor]:
@@ -226,21 +227,65 @@ def model_weights_of(checkpoint: Mapping[str, Any], path: str, key: str) -> dict
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.") and isinstance(v, torch.Tensor)}
 
 
-def read_checkpoint(path: str, key: str) -> Mapping[str, Any]:
-    """A single-file checkpoint (weights_only loading); one-line errors name `key`."""
+def read_model_state(path: str, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The model weights (prefix `model.` removed) and the run config of a checkpoint file,
+    URL or sharded folder written under `fsdp`/`fsdp_ep`, read into this process (expert
+    stacks are stored whole, so no layout is needed). One-line errors name `key`."""
     try:
         if not is_url(path):
             location = Path(path)
             if not location.exists():
                 raise ConfigError(f"ckpt_path={path} does not exist (relative paths start from {Path.cwd()})")
             if location.is_dir():
-                raise ConfigError(
-                    f"ckpt_path={path} is a sharded checkpoint folder (trainer=fsdp/fsdp_ep): gather it into one "
-                    "process with moelab.parallel.checkpoint.load_sharded_into and save that"
-                )
-        return _load_file(path)
+                return _read_sharded_model_state(location)
+        checkpoint = _load_file(path)
     except ConfigError as error:
         raise ConfigError(str(error).replace("ckpt_path", key)) from None
+    return model_weights_of(checkpoint, path, key), checkpoint.get(CONFIG_KEY)
+
+
+def _read_sharded_model_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    info = _sharded_info(folder)  # one-line errors for a folder that is not a checkpoint
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    prefix = "state_dict.model."
+    weights = {
+        name[len(prefix):]: torch.empty(tuple(item.size), dtype=item.properties.dtype)
+        for name, item in metadata.state_dict_metadata.items()
+        if name.startswith(prefix) and isinstance(item, TensorStorageMetadata)
+    }
+    if not weights:
+        raise ConfigError(f"ckpt_path={folder} holds no model weights (no state_dict.model.* entries)")
+    state = {"state_dict": {f"model.{name}": tensor for name, tensor in weights.items()}}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(folder), no_dist=True)
+    except Exception as exc:  # noqa: BLE001 - reported in one line
+        raise _unreadable(str(folder), exc) from None
+    return {name: state["state_dict"][f"model.{name}"] for name in weights}, info.config
+
+
+def save_model_state(path: Path, weights: Mapping[str, torch.Tensor], config: Mapping[str, Any], sharded: bool) -> Path:
+    """Write a weights-only moelab checkpoint that `init_from`, `teacher` and the scripts
+    read: one file, or (`sharded`) a folder in the layout `fsdp`/`fsdp_ep` runs write,
+    with the config in its meta.pt. It has no optimizer state, so it starts runs but
+    does not resume them."""
+    state = {f"model.{name}": tensor.detach().contiguous() for name, tensor in weights.items()}
+    if not sharded:
+        torch.save({"state_dict": state, CONFIG_KEY: dict(config)}, path)
+        return path
+    import torch.distributed.checkpoint as dcp
+
+    path.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"state_dict": state}, checkpoint_id=str(path), no_dist=True)
+    torch.save({CONFIG_KEY: dict(config)}, path / "meta.pt")
+    return path
 
 
 def start_from_weights(model: nn.Module, path: str, upcycle: bool = False, noise: float = 0.0,

@@ -1,9 +1,12 @@
 """train.py under multi-process strategies on CPU: Lightning's per-rank relaunch under Hydra,
-FSDP+EP save and resharded resume, DDP inside a multirun."""
+FSDP+EP save and resharded resume, DDP inside a multirun, and the MoE lifecycle methods
+(upcycling, distillation, freezing, merging, MaskMoE) on sharded checkpoints."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,11 +14,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from moelab.checkpoints import read_model_state
 from moelab.data.digits import DigitsDataModule
+from moelab.loading import load_model
+from moelab.moe.layer import moe_layers
 from moelab.parallel.checkpoint import load_sharded_into
 from moelab.train import build_model as model_of
 
-from ..conftest import compose_config
+from ..conftest import ROOT, compose_config
 from ..test_train import train_cli
 
 LIMITS = ("trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "callbacks.progress=null", "trainer.accelerator=cpu")
@@ -87,3 +93,59 @@ def test_a_bad_input_found_on_every_rank_is_one_line_per_rank(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("moelab:")]
     why = f"{tokens}/train.bin holds token id 59700, outside data.vocab_size=1024: set data.vocab_size=59701 or more (or check data.dtype=uint16)"
     assert sorted(lines) == [f"moelab: error (rank 1): {why}", f"moelab: error: {why}"]  # each rank, one line
+
+
+def test_upcycling_distillation_freezing_and_merging_read_and_write_sharded_checkpoints(tmp_path):
+    ep2 = ("trainer=fsdp_ep", "ep=2", "trainer.devices=2", "trainer.max_epochs=1", "test=false", *LIMITS)
+    dense = tmp_path / "dense"
+    result = train_cli(dense, *ep2, "model.moe_every=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    dense_ckpt = dense / "checkpoints" / "last.ckpt"
+    assert dense_ckpt.is_dir()
+
+    # Upcycled from the sharded dense run, distilled from it, attention frozen: 2 ranks, ep=2.
+    upcycled = tmp_path / "upcycled"
+    result = train_cli(upcycled, *ep2, f"init_from={dense_ckpt}", "model.upcycle=true", "model.expert_hidden=dense",
+                       "expert.bias=true", f"teacher={dense_ckpt}", "task.freeze=[attention]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Upcycled 2 MoE layers" in (upcycled / "train.log").read_text()
+    assert "train/distill_kl" in json.loads((upcycled / "metrics.json").read_text())
+    upcycled_ckpt = upcycled / "checkpoints" / "last.ckpt"
+    before, _ = read_model_state(str(dense_ckpt), "x")
+    after, config = read_model_state(str(upcycled_ckpt), "x")
+    attention = [k for k in before if ".attn." in k]
+    assert attention and all(torch.equal(before[k], after[k]) for k in attention)  # frozen: bit-identical
+    assert not torch.equal(before["vit.head.weight"], after["vit.head.weight"])  # the rest trained
+    assert after["vit.blocks.1.mlp.experts.w1_EDF"].shape[0] == config["experts"] == 8
+
+    # A sharded checkpoint merges in one process, into a sharded checkpoint that starts a run.
+    merged_dir = tmp_path / "merged"
+    result = subprocess.run([sys.executable, "scripts/merge_experts.py", str(upcycled_ckpt), "--to", "2", "--out",
+                             str(merged_dir)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged = merged_dir / "merged_usage_E2"
+    assert (merged / ".metadata").is_file()
+    model = load_model(str(merged), "init_from")
+    assert [layer.num_experts for layer in moe_layers(model)] == [2, 2]
+    weights = model.state_dict()
+    assert all(torch.equal(weights[k], after[k]) for k in attention)  # merging touches only MoE layers
+    # How to train it on (init_from reads it with the same reader as load_model).
+    assert f"init_from={merged} experts=2 model.expert_hidden=128" in result.stdout
+
+
+def test_maskmoe_under_fsdp_ep_keeps_the_one_process_mask(tmp_path):
+    lm = ("experiment=lm_pystdlib", "data.seq_len=32", "data.batch_size=4", "data.max_bytes=200000", "model.d_model=32",
+          "model.ffn_hidden=64", "model.depth=2", "model.num_heads=2", "task.sample_tokens=0", "router.token_mask=frequency")
+    result = train_cli(tmp_path / "run", *lm, "trainer=fsdp_ep", "ep=2", "trainer.devices=2", "trainer.max_epochs=1",
+                       "test=false", *LIMITS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved, _ = read_model_state(str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "x")
+    cfg = compose_config(tmp_path / "single", *lm)
+    model = model_of(cfg)
+    data = instantiate(cfg.data)
+    data.setup("fit")
+    counts = torch.from_numpy(data.token_counts("train"))
+    for name, module in model.named_modules():
+        if hasattr(module, "fit_token_mask"):
+            module.fit_token_mask(counts)
+            assert torch.equal(saved[f"{name}.allowed_VE"], module.allowed_VE), name
