@@ -151,9 +151,10 @@ class TopKRouter(TokenChoiceRouter):
 
     `token_mask="frequency"` (language models) is MaskMoE's routing mask (Su et al. 2024):
     every vocabulary id has a fixed set of allowed experts, and the others get logit −inf
-    before the scores and the top-k. The rarest `rare_share` of the ids (by training
-    count, fitted by the language task from the training split) get one expert each,
-    dealt so their token mass is balanced across experts; the other ids get every expert.
+    before the scores and the top-k. The rarest `rare_share` of the ids the training split
+    shows (by count, fitted by the language task), and every id it never shows, get one
+    expert each, dealt so their token mass is balanced across experts; the other ids get
+    every expert.
     A rare token's choices beyond its one expert are skipped (weight 0, no row counted).
     The mask is a buffer: checkpoints carry it.
     """
@@ -202,7 +203,11 @@ class TopKRouter(TokenChoiceRouter):
             raise ConfigError(f"router.token_mask: the data has {counts_V.numel()} token ids, the model's vocabulary {vocab}")
         frequency_V = torch.zeros(vocab, dtype=torch.float64)
         frequency_V[: counts_V.numel()] = counts_V.double()
-        rare_V = torch.argsort(frequency_V, stable=True)[: round(self.rare_share * vocab)]
+        # The share counts ids the training split shows: a byte vocabulary has ~100 of 256,
+        # and a share of all ids would pick only ids that never occur. Unseen ids are rare too.
+        seen = (frequency_V > 0).nonzero().flatten()
+        rarest_seen = seen[torch.argsort(frequency_V[seen], stable=True)[: round(self.rare_share * seen.numel())]]
+        rare_V = torch.cat([(frequency_V == 0).nonzero().flatten(), rarest_seen])
         expert_of_id = frequency_balanced_key_map(frequency_V[rare_V], self.num_experts, self.mask_seed)
         self.allowed_VE.fill_(True)
         self.allowed_VE[rare_V] = False
