@@ -7,6 +7,7 @@ import copy
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import warnings
@@ -76,13 +77,36 @@ def build_model(cfg: DictConfig) -> "torch.nn.Module":
         with open_dict(model_cfg):
             for key in UPCYCLE_KEYS:
                 model_cfg.pop(key, None)
-    return instantiate(
-        model_cfg,
-        router=cfg.router,
-        expert=cfg.expert,
-        aux_loss_weights=OmegaConf.to_container(cfg.loss, resolve=True) if cfg.loss else {},
-        _convert_="all",
-    )
+    try:
+        return instantiate(
+            model_cfg,
+            router=cfg.router,
+            expert=cfg.expert,
+            aux_loss_weights=OmegaConf.to_container(cfg.loss, resolve=True) if cfg.loss else {},
+            _convert_="all",
+        )
+    except Exception as exc:
+        error = _unknown_setting(cfg, exc)
+        if error is None:
+            raise
+        raise error from None
+
+
+def _unknown_setting(cfg: DictConfig, exc: BaseException | None) -> ConfigError | None:
+    """A router or expert setting its class does not take (`+router.token_mask=...` on a
+    router without a mask) as one line, instead of Hydra's wrapped TypeError."""
+    while exc is not None:
+        found = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(exc))
+        if isinstance(exc, TypeError) and found:
+            cls, key = found.groups()
+            for group in ("router", "expert"):
+                node = cfg.get(group)
+                if node is not None and str(node.get("_target_", "")).endswith(f".{cls}") and key in node:
+                    return ConfigError(f"{group}.{key} is not a setting of {cls}: drop it, or pick a {group} that "
+                                       f"has it (conf/{group}/)")
+            return None
+        exc = exc.__cause__
+    return None
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:

@@ -7,7 +7,10 @@ import functools
 
 import torch
 
+import pytest
+
 from moelab.moe import GroupedExperts, MoELayer, TopKRouter
+from moelab.moe import routers as zoo
 from moelab.moe.layer import moe_layers
 from moelab.train import build
 
@@ -59,6 +62,50 @@ def test_masked_experts_are_never_selected_and_rare_tokens_use_their_expert():
     assert "router.allowed_VE" in layer.state_dict()
 
 
+TOKEN_CHOICE = {
+    "topk": functools.partial(zoo.TopKRouter, k=2),
+    "switch": functools.partial(zoo.TopKRouter, k=1, normalize=False, capacity_factor=1.25),
+    "gshard": functools.partial(zoo.GShardRouter, k=2),
+    "noisy_topk": functools.partial(zoo.NoisyTopKRouter, k=2),
+    "cosine": functools.partial(zoo.CosineRouter, k=2),
+    "aux_free": functools.partial(zoo.AuxFreeRouter, k=2),
+    "sinkhorn": functools.partial(zoo.SinkhornRouter, k=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TOKEN_CHOICE))
+def test_every_token_choice_router_takes_the_mask(name):
+    torch.manual_seed(0)
+    router = functools.partial(TOKEN_CHOICE[name], token_mask="frequency", rare_share=0.5)
+    losses = {"balance": 0.01, "zloss": 0.001, "load": 0.01, "importance": 0.01}
+    supported = TOKEN_CHOICE[name].func.supported_losses
+    layer = MoELayer(16, 32, router, functools.partial(GroupedExperts, num_experts=4, activation="swiglu"),
+                     router_facts={"vocab_size": 12}, aux_loss_weights={k: v for k, v in losses.items() if k in supported})
+    layer.router.fit_token_mask(COUNTS)
+    if name == "noisy_topk":  # its gates start at zero: give the noise and the logits something to work with
+        torch.nn.init.normal_(layer.router.gate.weight)
+        torch.nn.init.normal_(layer.router.noise.weight)
+    ids = torch.randint(0, 12, (4, 24))
+    x = torch.randn(4, 24, 16, requires_grad=True)
+    for training in (True, False):
+        layer.train(training)
+        out = layer(x, token_ids=ids)
+        plan = layer.last_plan
+        allowed_TE = layer.router.allowed_VE[ids.reshape(-1)]
+        chosen_allowed = allowed_TE.gather(1, plan.selected_experts_TK)
+        kept = torch.ones_like(chosen_allowed) if plan.kept_TK is None else plan.kept_TK
+        assert bool((chosen_allowed | ~kept).all()), name  # masked experts are never processed
+        assert bool((plan.router_probs_TE[~allowed_TE] == 0).all()), name
+        assert torch.isfinite(out).all() and all(torch.isfinite(v).all() for v in layer.aux_losses.values()), name
+    assert len(layer.aux_losses) >= 2
+    (out.sum() + layer.aux_loss).backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in layer.parameters())
+    if name == "aux_free":  # masked choices are not counted as load for the bias update
+        layer.train()
+        layer.router.load_since_update_E.zero_()
+        layer(x, token_ids=ids)
+        assert layer.router.load_since_update_E.sum() == layer.last_plan.tokens_per_expert_E.sum()
 
 
 def test_the_language_task_fits_the_mask_from_the_training_split(tmp_path):
@@ -78,3 +125,9 @@ def test_the_language_task_fits_the_mask_from_the_training_split(tmp_path):
 def test_images_have_no_token_ids_for_a_mask(tmp_path):
     line = one_line_error(compose_config(tmp_path, "trainer=debug", "router.token_mask=frequency"))
     assert "router.token_mask masks experts per token id: use it with the language model" in line
+
+
+def test_a_router_without_a_mask_refuses_one_in_one_line(tmp_path):
+    cfg = compose_config(tmp_path, *LM_FAST, "router=expert_choice", "+router.token_mask=frequency")
+    assert one_line_error(cfg) == ("moelab: error: router.token_mask is not a setting of ExpertChoiceRouter: drop it, "
+                                   "or pick a router that has it (conf/router/)")

@@ -65,6 +65,10 @@ class TokenChoiceRouter(nn.Module):
         capacity_factor: float | None = None,
         eval_capacity_factor: float | None = None,
         batch_priority: bool = False,
+        token_mask: str | None = None,
+        rare_share: float = 0.5,
+        vocab_size: int | None = None,
+        layer_index: int | None = None,
     ) -> None:
         super().__init__()
         check_num_experts(num_experts)
@@ -87,6 +91,53 @@ class TokenChoiceRouter(nn.Module):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = capacity_factor if eval_capacity_factor is None else eval_capacity_factor
         self.batch_priority = batch_priority
+        if token_mask not in (None, "frequency"):
+            raise ConfigError(f"router.token_mask={token_mask!r} is unknown: pick null or frequency")
+        self.token_mask, self.rare_share = token_mask, rare_share
+        if token_mask is not None:
+            if vocab_size is None:
+                raise ConfigError("router.token_mask masks experts per token id: use it with the language model (model=lm)")
+            if not 0.0 <= rare_share <= 1.0:
+                raise ConfigError(f"router.rare_share={rare_share} must be between 0 and 1")
+            self.mask_seed = layer_seed(0, layer_index)
+            self.register_buffer("allowed_VE", torch.ones(vocab_size, num_experts, dtype=torch.bool))
+
+    @property
+    def needs_token_ids(self) -> bool:
+        return self.token_mask is not None
+
+    @torch.no_grad()
+    def fit_token_mask(self, counts_V: Tensor) -> None:
+        """MaskMoE's mask (Su et al. 2024) from each id's training count: the rarest
+        `rare_share` of the ids the training split shows, and every id it never shows, get one
+        expert each, dealt so their token mass is balanced across experts (the hash layers'
+        balanced assignment); the other ids get every expert."""
+        vocab = self.allowed_VE.shape[0]
+        counts_V = torch.as_tensor(counts_V).flatten()
+        if counts_V.numel() > vocab:
+            raise ConfigError(f"router.token_mask: the data has {counts_V.numel()} token ids, the model's vocabulary {vocab}")
+        frequency_V = torch.zeros(vocab, dtype=torch.float64)
+        frequency_V[: counts_V.numel()] = counts_V.double()
+        # The share counts ids the training split shows: a byte vocabulary has ~100 of 256,
+        # and a share of all ids would pick only ids that never occur. Unseen ids are rare too.
+        seen = (frequency_V > 0).nonzero().flatten()
+        rarest_seen = seen[torch.argsort(frequency_V[seen], stable=True)[: round(self.rare_share * seen.numel())]]
+        rare_V = torch.cat([(frequency_V == 0).nonzero().flatten(), rarest_seen])
+        expert_of_id = frequency_balanced_key_map(frequency_V[rare_V], self.num_experts, self.mask_seed)
+        self.allowed_VE.fill_(True)
+        self.allowed_VE[rare_V] = False
+        self.allowed_VE[rare_V, expert_of_id] = True
+
+    def masked(self, logits_TE: Tensor, context: RoutingContext | None,
+               fill: float = float("-inf")) -> tuple[Tensor, Tensor | None]:
+        """The logits with `fill` (−inf) for the experts a token's id may not use, and the
+        (T, E) allowed mask (None without `token_mask`)."""
+        if self.token_mask is None:
+            return logits_TE, None
+        if context is None or context.token_ids_T is None:
+            raise ConfigError("router.token_mask needs the token ids: use it with the language model (model=lm)")
+        allowed_TE = self.allowed_VE[context.token_ids_T.to(logits_TE.device)]
+        return logits_TE.masked_fill(~allowed_TE, fill), allowed_TE
 
     @property
     def experts_per_token(self) -> float:
@@ -172,55 +223,17 @@ class TopKRouter(TokenChoiceRouter):
         token_mask: str | None = None,
         rare_share: float = 0.5,
         vocab_size: int | None = None,
-        layer_index: int = 0,
+        layer_index: int | None = None,
     ) -> None:
-        super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor, batch_priority)
+        super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor, batch_priority,
+                         token_mask, rare_share, vocab_size, layer_index)
         if score not in ("softmax", "sigmoid"):
             raise ConfigError(f"router.score='{score}' is unknown: pick softmax or sigmoid")
         self.score = score
         self.gate = linear_gate(d_model, num_experts)
-        if token_mask not in (None, "frequency"):
-            raise ConfigError(f"router.token_mask={token_mask!r} is unknown: pick null or frequency")
-        self.token_mask, self.rare_share = token_mask, rare_share
-        if token_mask is not None:
-            if vocab_size is None:
-                raise ConfigError("router.token_mask masks experts per token id: use it with the language model (model=lm)")
-            if not 0.0 <= rare_share <= 1.0:
-                raise ConfigError(f"router.rare_share={rare_share} must be between 0 and 1")
-            self.mask_seed = layer_seed(0, layer_index)
-            self.register_buffer("allowed_VE", torch.ones(vocab_size, num_experts, dtype=torch.bool))
-
-    @property
-    def needs_token_ids(self) -> bool:
-        return self.token_mask is not None
-
-    @torch.no_grad()
-    def fit_token_mask(self, counts_V: Tensor) -> None:
-        """The MaskMoE mask from each id's training count (class docstring)."""
-        vocab = self.allowed_VE.shape[0]
-        counts_V = torch.as_tensor(counts_V).flatten()
-        if counts_V.numel() > vocab:
-            raise ConfigError(f"router.token_mask: the data has {counts_V.numel()} token ids, the model's vocabulary {vocab}")
-        frequency_V = torch.zeros(vocab, dtype=torch.float64)
-        frequency_V[: counts_V.numel()] = counts_V.double()
-        # The share counts ids the training split shows: a byte vocabulary has ~100 of 256,
-        # and a share of all ids would pick only ids that never occur. Unseen ids are rare too.
-        seen = (frequency_V > 0).nonzero().flatten()
-        rarest_seen = seen[torch.argsort(frequency_V[seen], stable=True)[: round(self.rare_share * seen.numel())]]
-        rare_V = torch.cat([(frequency_V == 0).nonzero().flatten(), rarest_seen])
-        expert_of_id = frequency_balanced_key_map(frequency_V[rare_V], self.num_experts, self.mask_seed)
-        self.allowed_VE.fill_(True)
-        self.allowed_VE[rare_V] = False
-        self.allowed_VE[rare_V, expert_of_id] = True
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
-        logits_TE = router_logits(x_TD, self.gate.weight)
-        allowed_TE = None
-        if self.token_mask is not None:
-            if context is None or context.token_ids_T is None:
-                raise ConfigError("router.token_mask needs the token ids: use it with the language model (model=lm)")
-            allowed_TE = self.allowed_VE[context.token_ids_T.to(x_TD.device)]
-            logits_TE = logits_TE.masked_fill(~allowed_TE, float("-inf"))
+        logits_TE, allowed_TE = self.masked(router_logits(x_TD, self.gate.weight), context)
         if self.score == "softmax":
             scores_TE = probs_TE = logits_TE.softmax(dim=-1)
         else:
@@ -250,14 +263,18 @@ class GShardRouter(TokenChoiceRouter):
         capacity_factor: float | None = None,
         eval_capacity_factor: float | None = None,
         batch_priority: bool = False,
+        token_mask: str | None = None,
+        rare_share: float = 0.5,
+        vocab_size: int | None = None,
+        layer_index: int | None = None,
     ) -> None:
         if k != 2:
             raise ConfigError(f"router=gshard is top-2 by definition (router.k={k}): use router=topk for other k")
-        super().__init__(num_experts, 2, True, capacity_factor, eval_capacity_factor, batch_priority)
+        super().__init__(num_experts, 2, True, capacity_factor, eval_capacity_factor, batch_priority, token_mask, rare_share, vocab_size, layer_index)
         self.gate = linear_gate(d_model, num_experts)
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
-        logits_TE = router_logits(x_TD, self.gate.weight)
+        logits_TE, allowed_TE = self.masked(router_logits(x_TD, self.gate.weight), context)
         probs_TE = logits_TE.softmax(dim=-1)
         active_TK = None
         if self.training:
@@ -265,7 +282,7 @@ class GShardRouter(TokenChoiceRouter):
             second_weight_T = top2_TK[:, 1] / top2_TK.sum(-1)
             uniform_T = torch.rand_like(second_weight_T)
             active_TK = torch.stack([torch.ones_like(uniform_T, dtype=torch.bool), 2 * second_weight_T > uniform_T], 1)
-        return self.plan(logits_TE, probs_TE, probs_TE, probs_TE, context, active_TK=active_TK)
+        return self.plan(logits_TE, probs_TE, probs_TE, probs_TE, context, active_TK=active_TK, allowed_TE=allowed_TE)
 
 
 class NoisyTopKRouter(TokenChoiceRouter):
@@ -296,8 +313,12 @@ class NoisyTopKRouter(TokenChoiceRouter):
         eval_capacity_factor: float | None = None,
         batch_priority: bool = False,
         noise_epsilon: float = 1e-2,
+        token_mask: str | None = None,
+        rare_share: float = 0.5,
+        vocab_size: int | None = None,
+        layer_index: int | None = None,
     ) -> None:
-        super().__init__(num_experts, k, True, capacity_factor, eval_capacity_factor, batch_priority)
+        super().__init__(num_experts, k, True, capacity_factor, eval_capacity_factor, batch_priority, token_mask, rare_share, vocab_size, layer_index)
         if k == num_experts:
             raise ConfigError("noisy_topk needs router.k < experts: with k = experts nothing is selected")
         self.gate = nn.Linear(d_model, num_experts, bias=False)
@@ -307,10 +328,13 @@ class NoisyTopKRouter(TokenChoiceRouter):
         self.noise_epsilon = noise_epsilon
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
-        clean_TE = router_logits(x_TD, self.gate.weight)
+        # Masked logits are a finite −1e9 here, not −inf: the load estimate takes differences
+        # of logits and divides them by the noise std, and ∞ − ∞ or 0·∞ would put NaN into its
+        # gradient even where the mask zeroes it. exp(−1e9) is 0 in fp32: same probabilities.
+        clean_TE, allowed_TE = self.masked(router_logits(x_TD, self.gate.weight), context, fill=-1e9)
         if not self.training:
             probs_TE = clean_TE.softmax(-1)
-            return self.plan(clean_TE, probs_TE, clean_TE, probs_TE, context)
+            return self.plan(clean_TE, probs_TE, clean_TE, probs_TE, context, allowed_TE=allowed_TE)
         noise_std_TE = F.softplus(router_logits(x_TD, self.noise.weight)) + self.noise_epsilon
         noisy_TE = clean_TE + torch.randn_like(clean_TE) * noise_std_TE
         # kth_excluding: for an expert inside the top k, the (k+1)-th largest; else the k-th.
@@ -318,9 +342,12 @@ class NoisyTopKRouter(TokenChoiceRouter):
         kth_T1, kplus1_T1 = top_TK1[:, self.k - 1 : self.k], top_TK1[:, self.k :]
         threshold_TE = torch.where(noisy_TE >= kth_T1, kplus1_T1, kth_T1)
         # Φ via ndtr: torch.distributions.Normal validates its input, a host sync per step.
-        load_E = torch.special.ndtr((clean_TE - threshold_TE) / noise_std_TE).sum(0)
+        load_TE = torch.special.ndtr((clean_TE - threshold_TE) / noise_std_TE)
+        if allowed_TE is not None:  # a masked expert is never chosen
+            load_TE = load_TE * allowed_TE
         probs_TE = noisy_TE.softmax(-1)
-        return self.plan(clean_TE, probs_TE, noisy_TE, probs_TE, context, load_estimate_E=load_E)
+        return self.plan(clean_TE, probs_TE, noisy_TE, probs_TE, context, load_estimate_E=load_TE.sum(0),
+                         allowed_TE=allowed_TE)
 
 
 class CosineRouter(TokenChoiceRouter):
@@ -351,8 +378,12 @@ class CosineRouter(TokenChoiceRouter):
         capacity_factor: float | None = None,
         eval_capacity_factor: float | None = None,
         batch_priority: bool = False,
+        token_mask: str | None = None,
+        rare_share: float = 0.5,
+        vocab_size: int | None = None,
+        layer_index: int | None = None,
     ) -> None:
-        super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor, batch_priority)
+        super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor, batch_priority, token_mask, rare_share, vocab_size, layer_index)
         if init_temperature <= 0 or min_temperature <= 0:
             raise ConfigError("router.init_temperature and router.min_temperature must be > 0")
         self.project = nn.Linear(d_model, dim, bias=False)
@@ -367,9 +398,9 @@ class CosineRouter(TokenChoiceRouter):
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
         projected_TR = F.normalize(router_logits(x_TD, self.project.weight), dim=-1)
         experts_ER = F.normalize(self.expert_embeddings.float(), dim=-1)
-        logits_TE = projected_TR @ experts_ER.t() / self.temperature
+        logits_TE, allowed_TE = self.masked(projected_TR @ experts_ER.t() / self.temperature, context)
         probs_TE = logits_TE.softmax(-1)
-        return self.plan(logits_TE, probs_TE, probs_TE, probs_TE, context)
+        return self.plan(logits_TE, probs_TE, probs_TE, probs_TE, context, allowed_TE=allowed_TE)
 
 
 class AuxFreeRouter(TokenChoiceRouter):
@@ -392,8 +423,12 @@ class AuxFreeRouter(TokenChoiceRouter):
         update_rate: float = 1e-3,
         capacity_factor: float | None = None,
         eval_capacity_factor: float | None = None,
+        token_mask: str | None = None,
+        rare_share: float = 0.5,
+        vocab_size: int | None = None,
+        layer_index: int | None = None,
     ) -> None:
-        super().__init__(num_experts, k, True, capacity_factor, eval_capacity_factor)
+        super().__init__(num_experts, k, True, capacity_factor, eval_capacity_factor, False, token_mask, rare_share, vocab_size, layer_index)
         if update_rate < 0:
             raise ConfigError(f"router.update_rate={update_rate} must be >= 0")
         self.update_rate = update_rate
@@ -402,13 +437,19 @@ class AuxFreeRouter(TokenChoiceRouter):
         self.register_buffer("load_since_update_E", torch.zeros(num_experts), persistent=False)
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
-        logits_TE = router_logits(x_TD, self.gate.weight)
+        logits_TE, allowed_TE = self.masked(router_logits(x_TD, self.gate.weight), context)
         scores_TE = torch.sigmoid(logits_TE)
         selection_TE = scores_TE.detach() + self.expert_bias_E
-        plan = self.plan(logits_TE, scores_TE / scores_TE.sum(-1, keepdim=True), selection_TE, scores_TE, context)
+        if allowed_TE is not None:  # the bias must not lift a masked expert (σ(−∞) = 0) into the top k
+            selection_TE = selection_TE.masked_fill(~allowed_TE, float("-inf"))
+        plan = self.plan(logits_TE, scores_TE / scores_TE.sum(-1, keepdim=True), selection_TE, scores_TE, context,
+                         allowed_TE=allowed_TE)
         if self.training:
             chosen = plan.selected_experts_TK.reshape(-1)
-            self.load_since_update_E.scatter_add_(0, chosen, torch.ones_like(chosen, dtype=self.load_since_update_E.dtype))
+            counts = torch.ones_like(chosen, dtype=self.load_since_update_E.dtype)
+            if allowed_TE is not None:  # a masked choice is no assignment
+                counts = allowed_TE.gather(1, plan.selected_experts_TK).reshape(-1).to(counts.dtype)
+            self.load_since_update_E.scatter_add_(0, chosen, counts)
         return plan
 
     @torch.no_grad()
@@ -446,8 +487,12 @@ class SinkhornRouter(TokenChoiceRouter):
         tolerance: float = 1e-3,
         capacity_factor: float | None = None,
         eval_capacity_factor: float | None = None,
+        token_mask: str | None = None,
+        rare_share: float = 0.5,
+        vocab_size: int | None = None,
+        layer_index: int | None = None,
     ) -> None:
-        super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor)
+        super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor, False, token_mask, rare_share, vocab_size, layer_index)
         self.max_iterations, self.tolerance = max_iterations, tolerance
         self.gate = linear_gate(d_model, num_experts)
 
@@ -477,13 +522,13 @@ class SinkhornRouter(TokenChoiceRouter):
         return matrix_TE
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
-        logits_TE = router_logits(x_TD, self.gate.weight)
+        logits_TE, allowed_TE = self.masked(router_logits(x_TD, self.gate.weight), context)
         probs_TE = logits_TE.softmax(-1)
         selection_TE = probs_TE
         if self.training:
             selection_TE = self.sinkhorn(logits_TE, self.max_iterations, self.tolerance)
         gates_TE = torch.sigmoid(logits_TE) if self.k == 1 else probs_TE
-        return self.plan(logits_TE, probs_TE, selection_TE, gates_TE, context)
+        return self.plan(logits_TE, probs_TE, selection_TE, gates_TE, context, allowed_TE=allowed_TE)
 
 
 def balanced_key_map(num_keys: int, num_experts: int, seed: int) -> Tensor:
