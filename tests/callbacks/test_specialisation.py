@@ -116,3 +116,18 @@ def test_unknown_modality_and_unreadable_batch_are_config_errors():
         ExpertSpecialisation(modality="text")
     with pytest.raises(ConfigError, match="cannot tell the task"):
         ExpertSpecialisation()._modality_of(torch.zeros(2, 3, 4))
+
+
+def test_many_classes_become_a_table_of_each_experts_top_classes():
+    callback = ExpertSpecialisation(top_tokens=2)
+    counts = torch.zeros(60, EXPERTS)
+    for expert in range(EXPERTS):
+        counts[10 * expert, expert], counts[10 * expert + 1, expert] = 30.0, 10.0  # expert e: classes 10e, 10e+1
+    callback._counts = {(1, "expert_class"): counts}
+    callback._names = [f"class{c}" for c in range(60)]
+    ((tag, table),) = list(callback._render())
+    assert tag == specialisation_tag(1, "top_classes") and isinstance(table, str)
+    assert "| 2 | 40 | class20 75%, class21 25% |" in table.splitlines()
+    callback._counts = {(1, "expert_class"): counts[:10]}
+    ((tag, image),) = list(callback._render())
+    assert tag == specialisation_tag(1, "expert_class") and image.shape[0] == 3  # a heatmap image (C, H, W)

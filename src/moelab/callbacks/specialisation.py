@@ -63,6 +63,22 @@ def byte_token_name(token_id: int) -> str:
     return repr(chr(token_id)) if token_id < 128 else f"0x{token_id:02x}"
 
 
+MAX_CLASS_ROWS = 50  # more classes than this: a table of each expert's top classes, not a heatmap
+
+
+def top_rows_markdown(counts_RE: Tensor, names: list[str], top: int, what: str) -> str:
+    """A Markdown table: each expert's `top` rows (classes, tokens) by share of its tokens."""
+    lines = [f"| expert | tokens | most frequent {what} (share of the expert's tokens) |", "|---|---|---|"]
+    shares_RE = column_shares(counts_RE)
+    for expert in range(counts_RE.shape[1]):
+        total = float(counts_RE[:, expert].sum())
+        best = torch.topk(shares_RE[:, expert], min(top, counts_RE.shape[0]))
+        cells = [f"{names[int(i)]} {float(v):.0%}" for v, i in zip(best.values, best.indices) if v > 0]
+        cell = ", ".join(cells).replace("|", "\\|") or "(none)"
+        lines.append(f"| {expert} | {total:.0f} | {cell} |")
+    return "\n".join(lines)
+
+
 def position_labels(num_positions: int) -> list[str]:
     """`r,c` for a square patch grid (row-major), else the plain index."""
     side = math.isqrt(num_positions)
@@ -111,6 +127,7 @@ class ExpertSpecialisation(L.Callback):
         self.every_n_epochs = every_n_epochs
         self._reset()
         self._warned_layers: set[int] = set()
+        self._names: list[str] | None = None
 
     def _reset(self) -> None:
         self._active = False
@@ -126,6 +143,7 @@ class ExpertSpecialisation(L.Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
+        self._names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
         self._active = trainer.is_global_zero and not trainer.sanity_checking and self._due(trainer)
 
     # ---- measure -----------------------------------------------------------------------
@@ -242,10 +260,15 @@ class ExpertSpecialisation(L.Callback):
             counts_RE = counts_RE.double().cpu()
             experts = [str(e) for e in range(counts_RE.shape[1])]
             if table == "expert_class":
+                names = self._class_names(counts_RE.shape[0])
+                if counts_RE.shape[0] > MAX_CLASS_ROWS:  # a 100- or 1000-row matrix is unreadable: a table
+                    yield specialisation_tag(index, "top_classes"), top_rows_markdown(
+                        counts_RE, names, self.top_tokens, "classes of its tokens")
+                    continue
                 yield specialisation_tag(index, table), render_heatmap(
                     column_shares(counts_RE), title=f"MoE layer {index}: classes each expert takes",
                     xlabel="expert", ylabel="class", colorbar_label="share of the expert's tokens",
-                    row_labels=[str(c) for c in range(counts_RE.shape[0])], col_labels=experts,
+                    row_labels=names, col_labels=experts,
                 )
             elif table == "expert_position":
                 yield specialisation_tag(index, table), render_heatmap(
@@ -273,16 +296,9 @@ class ExpertSpecialisation(L.Callback):
         yield specialisation_tag(index, "top_tokens"), self._top_tokens_markdown(counts_VE, vocab <= BYTE_VOCAB)
 
     def _top_tokens_markdown(self, counts_VE: Tensor, is_bytes: bool) -> str:
-        lines = ["| expert | tokens | most frequent input tokens (share of the expert's tokens) |", "|---|---|---|"]
-        shares_VE = column_shares(counts_VE)
-        for expert in range(counts_VE.shape[1]):
-            total = float(counts_VE[:, expert].sum())
-            top = torch.topk(shares_VE[:, expert], min(self.top_tokens, counts_VE.shape[0]))
-            names = [
-                f"{byte_token_name(int(i)) if is_bytes else f'#{int(i)}'} {float(s):.0%}"
-                for s, i in zip(top.values, top.indices)
-                if s > 0
-            ]
-            cell = ", ".join(names).replace("|", "\\|") or "(none)"
-            lines.append(f"| {expert} | {total:.0f} | {cell} |")
-        return "\n".join(lines)
+        names = [byte_token_name(i) if is_bytes else f"#{i}" for i in range(counts_VE.shape[0])]
+        return top_rows_markdown(counts_VE, names, self.top_tokens, "input tokens")
+
+    def _class_names(self, num_classes: int) -> list[str]:
+        names = self._names or []
+        return [names[c] if c < len(names) else str(c) for c in range(num_classes)]

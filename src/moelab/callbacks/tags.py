@@ -43,6 +43,6 @@ def aux_loss_tag(layer_index: int, name: str) -> str:
 
 
 def specialisation_tag(layer_index: int, kind: str) -> str:
-    """Image (or text for `top_tokens`): `expert_class`, `expert_position`,
-    `expert_token_category`, `top_tokens`."""
+    """Image (or text for `top_tokens` and `top_classes`): `expert_class` (or, above 50
+    classes, `top_classes`), `expert_position`, `expert_token_category`, `top_tokens`."""
     return f"moe/layer{layer_index}/{kind}"

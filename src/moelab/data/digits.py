@@ -44,9 +44,18 @@ class DigitsDataModule(ResumableDataModule):
         erase_size: int = 0,
         noise_std: float = 0.0,
         copies: int = 1,
+        image_size: int = 8,
+        in_chans: int = 1,
+        num_classes: int = 10,
     ) -> None:
         super().__init__()
         check_loader_args(batch_size, num_workers)
+        if (image_size, in_chans, num_classes) != (self.image_size, self.in_chans, self.num_classes):
+            raise ConfigError(
+                f"data.image_size={image_size}, data.in_chans={in_chans}, data.num_classes={num_classes}: the digits "
+                f"are {self.image_size}x{self.image_size}, {self.in_chans} channel, {self.num_classes} classes; "
+                "leave these as data=digits sets them"
+            )
         if not (0 <= max_shift < 8 and 0 <= erase_size <= 8 and noise_std >= 0 and copies >= 1):
             raise ConfigError(
                 f"data.max_shift={max_shift} must be in 0..7, data.erase_size={erase_size} in 0..8, "

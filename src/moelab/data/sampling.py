@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lightning as L
 import torch
@@ -152,7 +152,8 @@ class ResumableDataModule(L.LightningDataModule):
             self.trainer.fit_loop._combined_loader = None
 
     def training_loader(
-        self, dataset: Dataset, sampler: ResumableSampler, batch_size: int, num_workers: int, drop_last: bool = False
+        self, dataset: Dataset, sampler: ResumableSampler, batch_size: int, num_workers: int, drop_last: bool = False,
+        collate_fn: Callable | None = None,
     ) -> DataLoader:
         """The training DataLoader over `sampler`, placed at the resumed position if any."""
         self._training_loader_built = True
@@ -162,7 +163,7 @@ class ResumableDataModule(L.LightningDataModule):
             self._resume_position = None
         return TrainingLoader(
             dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-            generator=sampler.generator, worker_init_fn=partial(init_worker, rank=sampler.rank),
+            generator=sampler.generator, worker_init_fn=partial(init_worker, rank=sampler.rank), collate_fn=collate_fn,
         )
 
 

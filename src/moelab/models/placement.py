@@ -7,13 +7,24 @@ from typing import Sequence
 from moelab.moe.errors import ConfigError
 
 
-def moe_layer_indices(depth: int, moe_every: int = 2, moe_layers: Sequence[int] | None = None) -> list[int]:
+def moe_layer_indices(depth: int, moe_every: int = 2, moe_layers: Sequence[int] | None = None,
+                      moe_last: int | None = None) -> list[int]:
     """Block indices that hold a MoE layer.
 
     `moe_layers` (explicit, negative indices count from the end) wins over `moe_every`.
     `moe_every=n` puts a MoE layer in every n-th block, ending at the last block
     (n=2: blocks 1, 3, 5, … as in GShard and Switch); `moe_every=0` makes a dense model.
+    `moe_last=n` keeps only the last n of those blocks (V-MoE's "Last-n", Riquelme et al.
+    2021: depth 12, every 2, last 2 → blocks 9 and 11).
     """
+    if moe_last is not None:
+        if isinstance(moe_last, bool) or not isinstance(moe_last, int) or moe_last < 1:
+            raise ConfigError(f"model.moe_last={moe_last!r} must be a whole number >= 1 (null: every chosen block)")
+        chosen = moe_layer_indices(depth, moe_every, moe_layers)
+        if moe_last > len(chosen):
+            raise ConfigError(f"model.moe_last={moe_last}, but only {len(chosen)} block(s) are MoE blocks "
+                              f"(depth {depth}, moe_every={moe_every}): lower it or set model.moe_every=1")
+        return chosen[-moe_last:]
     if moe_layers is not None:
         indices = []
         for i in moe_layers:

@@ -12,7 +12,9 @@ from moelab.tasks.optim import check_optimizer_hparams
 
 class ImageClassification(MoETask):
     """Logs `train/loss`, `train/ce`, `train/aux/<name>` (mean over MoE layers, unweighted),
-    `train/acc`, `val/loss`, `val/acc`, `test/loss`, `test/acc`."""
+    `train/acc`, `val/loss`, `val/acc`, `test/loss`, `test/acc`. Training batches may carry
+    soft targets (B, classes), as Mixup/CutMix make them: the loss is then the soft-target
+    cross-entropy and train/acc counts the dominant class."""
 
     def __init__(
         self,
@@ -43,7 +45,11 @@ class ImageClassification(MoETask):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         logits = self(images)
-        ce = F.cross_entropy(logits, labels)
+        if labels.dim() == 2:  # soft targets (Mixup/CutMix, label smoothing): −Σ y log softmax(logits)
+            ce = -(labels * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+            labels = labels.argmax(-1)  # train/acc against the dominant class
+        else:
+            ce = F.cross_entropy(logits, labels)
         loss = self.add_aux_losses(self.with_teacher(ce, logits, images))
         self.train_acc(logits, labels)
         self.log_dict({"train/loss": loss, "train/ce": ce, "train/acc": self.train_acc}, prog_bar=True)
