@@ -26,9 +26,11 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import InterpolationResolutionError
 
 from moelab.callbacks.checkpoint import LastCheckpoint
 from moelab.checkpoints import check_resumable, start_from_weights
+from moelab import resolvers  # noqa: F401 - registers ${moelab.image_classes:} and ${moelab.patch_size:}
 from moelab.moe.errors import ConfigError, check_num_experts
 from moelab.runs import DIVERGED, ERROR, INTERRUPTED, METRICS_FILE, OK, Diverged, write_record
 from moelab.sweep import run_version  # noqa: F401 - registers ${moelab.run_version:} for the logger config
@@ -54,8 +56,14 @@ def _user_error(exc: BaseException) -> BaseException | None:
     while exc is not None:
         if isinstance(exc, USER_ERRORS):
             return exc
+        # A resolver's error (${moelab.image_classes:...}): OmegaConf keeps only its text.
+        if isinstance(exc, InterpolationResolutionError) and str(exc).startswith(RESOLVER_ERROR):
+            return ConfigError(str(exc).splitlines()[0][len(RESOLVER_ERROR):])
         exc = exc.__cause__
     return None
+
+
+RESOLVER_ERROR = "ConfigError raised while resolving interpolation: "
 
 
 def _instantiate_all(cfg: DictConfig | None) -> list[Any]:

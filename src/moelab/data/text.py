@@ -332,39 +332,70 @@ def write_token_files(
     end_of_text: int | None = None,
     encoding: str | None = None,
     chunk_docs: int = 1024,
-    progress: Callable[[Iterable], Iterable] | None = None,
+    progress: Callable[[Iterable, str], Iterable] | None = None,
+    tokenizer: Mapping | None = None,
 ) -> dict:
     """Tokenise each split's documents (in batches of `chunk_docs`) into `<out_dir>/<split>.bin`,
-    `end_of_text` after every document, and write `meta.json` with each split's measured bytes per token.
-    Files appear only when complete (written as `.tmp`, then renamed). Each split gets its
-    own bytes-per-token ratio (bits per byte divide by the ratio of the split evaluated)."""
+    `end_of_text` after every document, and write `meta.json` with each split's measured
+    bytes per token (bits per byte divide by the ratio of the split evaluated).
+
+    Interrupted, it resumes: a split is written as `<split>.bin.tmp` with a
+    `<split>.progress.json` (documents, bytes and tokens done, file length) updated after
+    every batch; a rerun cuts the .tmp back to the recorded length, skips the documents
+    done and goes on. A split appears as `<split>.bin` only when complete. The documents
+    must come in the same order on the rerun (a dataset's own order does)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype_name = "uint16" if vocab_size <= 2**16 else "uint32"
     dtype = TOKEN_DTYPES[dtype_name]
     counts: dict[str, dict[str, int]] = {}
     for split, texts in texts_by_split.items():
-        tally = counts[split] = {"bytes": 0, "tokens": 0, "documents": 0}
-        tmp = out / f"{split}.bin.tmp"
-        with tmp.open("wb") as f:
+        done_file = out / f"{split}.progress.json"
+        final, tmp = out / f"{split}.bin", out / f"{split}.bin.tmp"
+        if final.exists() and done_file.exists():  # finished by an earlier, interrupted run
+            counts[split] = json.loads(done_file.read_text())["tally"]
+            continue
+        tally = {"bytes": 0, "tokens": 0, "documents": 0}
+        if tmp.exists() and done_file.exists():
+            state = json.loads(done_file.read_text())
+            tally = state["tally"]
+            with tmp.open("r+b") as f:
+                f.truncate(state["file_bytes"])
+        else:
+            tmp.write_bytes(b"")
+        skip = tally["documents"]
+        with tmp.open("ab") as f:
             batch: list[str] = []
-            docs = progress(texts) if progress else texts
-            for text in docs:
+            docs = progress(texts, split) if progress else texts
+
+            def flush() -> None:
+                _write_batch(f, batch, encode, end_of_text, dtype, tally)
+                f.flush()
+                done_file.write_text(json.dumps({"tally": tally, "file_bytes": f.tell()}))
+                batch.clear()
+
+            for index, text in enumerate(docs):
+                if index < skip:
+                    continue
                 batch.append(text)
                 if len(batch) == chunk_docs:
-                    _write_batch(f, batch, encode, end_of_text, dtype, tally)
-                    batch = []
+                    flush()
             if batch:
-                _write_batch(f, batch, encode, end_of_text, dtype, tally)
-        tmp.replace(out / f"{split}.bin")
+                flush()
+        tmp.replace(final)
+        done_file.write_text(json.dumps({"tally": tally, "file_bytes": final.stat().st_size}))
+        counts[split] = tally
     meta = {
         "vocab_size": vocab_size,
         "dtype": dtype_name,
         "bytes_per_token": {split: c["bytes"] / max(1, c["tokens"]) for split, c in counts.items()},
         "splits": counts,
         "encoding": encoding,
+        "tokenizer": dict(tokenizer) if tokenizer else None,
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for split in texts_by_split:
+        (out / f"{split}.progress.json").unlink(missing_ok=True)
     return meta
 
 
@@ -381,85 +412,135 @@ def _write_batch(f, batch, encode, end_of_text, dtype, tally: dict[str, int]) ->
         tally["documents"] += 1
 
 
-def require_hf_extra() -> None:
-    missing = [name for name in ("datasets", "tiktoken") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ConfigError(
-            f"data=hf_text needs {' and '.join(missing)} (the `hf` extra): run `pip install -e \".[hf]\"`"
-        )
+LOCAL_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def prepare_hf_tokens(
-    out_dir: str | Path,
+def require_datasets() -> None:
+    if importlib.util.find_spec("datasets") is None:
+        raise ConfigError("data=hf_text needs the datasets package (the `hf` extra): run `pip install -e \".[hf]\"`")
+
+
+def load_text_splits(
     dataset: str,
     name: str | None = None,
+    data_files: Mapping[str, str | list[str]] | None = None,
     text_field: str = "text",
     splits: Mapping[str, str] | None = None,
-    encoding: str = "gpt2",
     max_docs: int | None = None,
-    progress: bool = True,
-) -> dict:
-    """Download a Hugging Face dataset, tokenise it with tiktoken and write token files."""
-    require_hf_extra()
+    streaming: bool = False,
+) -> dict[str, Iterable[str]]:
+    """Each of train/val/test as an iterable of document texts, through
+    `datasets.load_dataset`: a Hub dataset by name, or local files with `data_files` (a
+    split name → file(s) map) and `dataset` their format (text, json, parquet, csv), or
+    null to read the format from the files' suffix. `streaming` reads without a local copy
+    of the whole corpus."""
+    require_datasets()
     import datasets
-    import tiktoken
 
     splits = dict(splits or {"train": "train", "val": "validation", "test": "test"})
-    tokenizer = tiktoken.get_encoding(encoding)
-    loaded = datasets.load_dataset(dataset, name)
-    texts_by_split = {}
-    for split, hf_split in splits.items():
-        if hf_split not in loaded:
-            raise ConfigError(
-                f"{dataset} has no split '{hf_split}' (it has {', '.join(loaded)}): set data.splits.{split}"
-            )
-        rows = loaded[hf_split]
+    if data_files is not None:
+        data_files = {k: v for k, v in dict(data_files).items()}
+        for files in data_files.values():
+            for file in [files] if isinstance(files, str) else files:
+                if "://" not in file and not Path(file).expanduser().exists():
+                    raise ConfigError(f"data.data_files: {file} does not exist (relative paths start from {Path.cwd()})")
+        if not dataset:
+            first = next(iter(data_files.values()))
+            first = first if isinstance(first, str) else first[0]
+            dataset = LOCAL_FORMATS.get(Path(first).suffix)
+            if dataset is None:
+                raise ConfigError(f"data.data_files: cannot tell the format of {first}: set data.dataset=text, json, "
+                                  "parquet or csv")
+    try:
+        loaded = datasets.load_dataset(dataset, name, data_files=data_files, streaming=streaming)
+    except Exception as exc:  # noqa: BLE001 - the hub, the network and file parsers raise many types
+        raise ConfigError(f"data.dataset={dataset} could not be loaded ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+    texts: dict[str, Iterable[str]] = {}
+    for split, source in splits.items():
+        if source not in loaded:
+            raise ConfigError(f"{dataset} has no split '{source}' (it has {', '.join(loaded)}): set data.splits.{split}")
+        rows = loaded[source]
         if max_docs is not None:
-            rows = rows.select(range(min(max_docs, len(rows))))
-        texts_by_split[split] = (row[text_field] for row in rows if row[text_field])
+            rows = rows.take(max_docs) if streaming else rows.select(range(min(max_docs, len(rows))))
+        columns = getattr(rows, "column_names", None)
+        if columns is not None and text_field not in columns:
+            raise ConfigError(f"{dataset}'s {source} split has no field '{text_field}' (it has {', '.join(columns)}): "
+                              "set data.text_field")
+        texts[split] = (row[text_field] for row in rows if row[text_field])
+    return texts
 
-    def bar(items):
+
+def prepare_text_tokens(out_dir: str | Path, tokenizer, progress: bool = True, **source) -> dict:
+    """Tokenise a text dataset (`load_text_splits(**source)`) with `tokenizer`
+    (moelab.data.tokenization) into token files and meta.json under `out_dir`."""
+    texts = load_text_splits(**source)
+
+    def bar(items, split):
         if not progress:
             return items
         from tqdm.auto import tqdm
 
-        return tqdm(items, desc=f"tokenising {dataset}", unit=" docs")
+        return tqdm(items, desc=f"tokenising {split}", unit=" docs")
 
-    return write_token_files(
-        texts_by_split,
-        tokenizer.encode_ordinary_batch,
-        out_dir,
-        vocab_size=tokenizer.n_vocab,
-        end_of_text=tokenizer.eot_token,
-        encoding=encoding,
-        progress=bar,
-    )
+    return write_token_files(texts, tokenizer.encode_batch, out_dir, vocab_size=tokenizer.vocab_size,
+                             end_of_text=tokenizer.end_of_text, encoding=tokenizer.name if tokenizer.kind == "tiktoken" else None,
+                             progress=bar, tokenizer=tokenizer.spec)
 
 
 class HFTextDataModule(TokenFileDataModule):
-    """A Hugging Face text dataset tokenised with tiktoken into token files under `path`
-    (prepared once, on the first run, by `prepare_data`; needs the `hf` extra)."""
+    """A text dataset, from the Hugging Face Hub or local text/jsonl/parquet/csv files
+    (`data_files`), tokenised once into token files under `path` (by `prepare_data`, on the
+    first run; interrupted, it resumes), then read as `data=tokens` reads them. The
+    tokenizer comes from the `tokenizer` group (bytes, tiktoken, hf); a token folder made
+    with another tokenizer is refused in one line."""
 
     def __init__(
         self,
         path: str,
-        dataset: str = "Salesforce/wikitext",
+        dataset: str | None = "Salesforce/wikitext",
         name: str | None = "wikitext-103-raw-v1",
+        data_files: Mapping[str, str | list[str]] | None = None,
         text_field: str = "text",
         splits: Mapping[str, str] | None = None,
-        encoding: str = "gpt2",
+        tokenizer: Mapping | None = None,
         max_docs: int | None = None,
+        streaming: bool = False,
         **token_kwargs,
     ) -> None:
         super().__init__(path, **token_kwargs)
-        self.dataset, self.name, self.text_field = dataset, name, text_field
-        self.splits, self.encoding, self.max_docs = splits, encoding, max_docs
-        if not all((self.path / f"{split}.bin").exists() for split in SPLITS):
-            require_hf_extra()
+        self.source = dict(dataset=dataset, name=name, data_files=data_files, text_field=text_field, splits=splits,
+                           max_docs=max_docs, streaming=streaming)
+        self.tokenizer_spec = {"kind": "tiktoken", "name": "gpt2", **dict(tokenizer or {})}
+        if not self._prepared():
+            require_datasets()
+
+    def _prepared(self) -> bool:
+        return all((self.path / f"{split}.bin").exists() for split in SPLITS) and (self.path / "meta.json").exists()
+
+    def tokenizer(self):
+        from moelab.data.tokenization import make_tokenizer
+
+        return make_tokenizer(self.tokenizer_spec["kind"], self.tokenizer_spec.get("name"))
 
     def prepare_data(self) -> None:
-        if all((self.path / f"{split}.bin").exists() for split in SPLITS):
-            return
-        prepare_hf_tokens(
-            self.path, self.dataset, self.name, self.text_field, self.splits, self.encoding, self.max_docs
-        )
+        if not self._prepared():
+            prepare_text_tokens(self.path, self.tokenizer(), **self.source)
+
+    def _read_meta(self) -> None:
+        super()._read_meta()
+        made_with = self.meta.get("tokenizer")
+        wanted = {"kind": self.tokenizer_spec["kind"], "name": self.tokenizer_spec.get("name")}
+
+        def key(spec: Mapping) -> tuple:  # an hf tokenizer path may be spelled another way: compare its file name
+            name = spec.get("name")
+            return spec["kind"], Path(str(name)).name if spec["kind"] == "hf" and name else name
+
+        if made_with is not None and key(made_with) != key(wanted):
+            raise ConfigError(f"{self.path} holds tokens made by {made_with['kind']}:{made_with['name']}, not "
+                              f"{wanted['kind']}:{wanted['name']}: point data.path at another folder for this tokenizer")
+
+    def decode(self, ids: Iterable[int]) -> str:
+        if self._encoding is None:
+            self._encoding = self.tokenizer()
+        return self._encoding.decode([int(i) for i in ids])
