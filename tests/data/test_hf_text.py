@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hydra.utils import instantiate
 
 from moelab.data.text import HFTextDataModule, write_token_files
 from moelab.data.tokenization import make_tokenizer
@@ -86,6 +87,13 @@ def test_hf_text_prepares_local_text_files_with_bytes_on_its_first_run(tmp_path)
     lines = [line for line in (text * 2).splitlines() if line]
     assert meta["splits"]["train"]["documents"] == len(lines)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 3
+    # Streaming reads the same documents in the same order: the same token files.
+    streamed = tmp_path / "streamed"
+    cfg = compose_config(tmp_path / "run2", *TEXT_FAST, "data=hf_text", "data.dataset=null", "data.name=null",
+                         f"data.path={streamed}", f"data.data_files={files}", "tokenizer=bytes", "data.streaming=true")
+    instantiate(cfg.data).prepare_data()
+    for split in ("train", "val", "test"):
+        assert (streamed / f"{split}.bin").read_bytes() == (tmp_path / "tokens" / f"{split}.bin").read_bytes()
     # The folder now holds bytes: reading it for another tokenizer is refused.
     other = HFTextDataModule(str(tmp_path / "tokens"), tokenizer={"kind": "hf", "name": "mine/tokenizer.json"},
                              vocab_size=320, seq_len=32, batch_size=4)
