@@ -87,7 +87,7 @@ def test_alarm_reads_the_plan_of_every_router_kind():
 
     from ..conftest import CONF
 
-    trainer = SimpleNamespace(global_step=1, log_every_n_steps=1, is_global_zero=True, loggers=[])
+    trainer = SimpleNamespace(global_step=1, log_every_n_steps=1, is_global_zero=True, loggers=[], world_size=1)
     for path in sorted((CONF / "router").glob("*.yaml")):
         layer = MoELayer(16, 32, instantiate(OmegaConf.load(path)), partial(GroupedExperts, num_experts=4), layer_index=0,
                          router_facts={"vocab_size": 100})

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from moelab.callbacks.common import check_every_n, indexed_moe_layers, is_logging_step, log_scalars
+from moelab.callbacks.common import check_every_n, is_logging_step, log_scalars, step_statistics
 from moelab.callbacks.tags import DEAD_EXPERTS, layer_scalar_tag
 from moelab.moe.errors import ConfigError
 
@@ -22,8 +22,8 @@ class ExpertCollapseAlarm(L.Callback):
     On every logging step: `moe/layer<i>/dead_experts` (how many are dead now). When an
     expert first becomes dead: a warning naming the layer and experts. With
     `stop_on_collapse`, the first dead expert stops training (after the current step; the
-    test stage still runs). Counts are each rank's own tokens; the stop decision is shared
-    by all ranks (any rank that sees a collapse stops them all).
+    test stage still runs). Counts are the tokens of all ranks (the same all-reduce the
+    utilisation view uses on that step), so every rank reaches the same decision.
     """
 
     def __init__(
@@ -67,10 +67,10 @@ class ExpertCollapseAlarm(L.Callback):
         self._last_step = step
         scalars: dict[str, float] = {}
         newly_dead: list[str] = []
-        for index, layer in indexed_moe_layers(pl_module):
-            if layer.last_plan is None or not bool(torch.isfinite(layer.last_plan.router_probs_TE).all()):
+        for index, layer in step_statistics(trainer, pl_module).items():  # all ranks' tokens
+            if not layer.finite:
                 continue  # a non-finite step routes garbage: not evidence of a dead expert
-            counts_E = layer.last_plan.tokens_per_expert_E.detach().double().cpu()
+            counts_E = layer.tokens_per_expert_E
             share_E = counts_E / counts_E.sum().clamp_min(1e-12)
             low_E = share_E < self.min_fair_share / len(counts_E)
             streak_E = self._streak.get(index, torch.zeros(len(counts_E), dtype=torch.long))

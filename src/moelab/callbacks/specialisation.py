@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from moelab.callbacks.common import indexed_moe_layers, tensorboard_writers
+from moelab.callbacks.common import indexed_moe_layers, sum_over_ranks, tensorboard_writers
 from moelab.callbacks.heatmap import column_shares, render_heatmap
 from moelab.callbacks.tags import specialisation_tag
 from moelab.moe.errors import ConfigError
@@ -144,7 +144,8 @@ class ExpertSpecialisation(L.Callback):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
         self._names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
-        self._active = trainer.is_global_zero and not trainer.sanity_checking and self._due(trainer)
+        # Every rank measures its share of the validation set; the tables are summed over ranks at the end.
+        self._active = not trainer.sanity_checking and self._due(trainer)
 
     # ---- measure -----------------------------------------------------------------------
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -244,6 +245,10 @@ class ExpertSpecialisation(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._active or not self._counts:
             return
+        self._sum_over_ranks(trainer)
+        if not trainer.is_global_zero:
+            self._reset()
+            return
         writers = tensorboard_writers(trainer)
         step = trainer.global_step
         for tag, payload in self._render():
@@ -253,6 +258,22 @@ class ExpertSpecialisation(L.Callback):
                 else:
                     writer.add_image(tag, payload, step)
         self._reset()
+
+    def _sum_over_ranks(self, trainer: L.Trainer) -> None:
+        """Every table (and the token counts) summed over the ranks in one all-reduce. The
+        tables have the same keys and shapes on every rank: rows are classes, positions or
+        the vocabulary, which every rank knows."""
+        keys = sorted(self._counts)
+        tensors = [self._counts[k] for k in keys]
+        if self._token_counts_V is not None:
+            tensors.append(self._token_counts_V)
+        device = tensors[0].device
+        flat = sum_over_ranks(torch.cat([t.double().flatten().to(device) for t in tensors]), trainer)
+        parts = flat.split([t.numel() for t in tensors])
+        for key, table, part in zip(keys, tensors, parts):
+            self._counts[key] = part.view(table.shape)
+        if self._token_counts_V is not None:
+            self._token_counts_V = parts[-1].view(self._token_counts_V.shape)
 
     def _render(self):
         """(tag, image or markdown) for every table measured this validation."""

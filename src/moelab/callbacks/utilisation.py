@@ -7,7 +7,15 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from moelab.callbacks.common import check_every_n, indexed_moe_layers, is_logging_step, log_scalars, tensorboard_writers
+from moelab.callbacks.common import (
+    check_every_n,
+    indexed_moe_layers,
+    is_logging_step,
+    log_scalars,
+    step_statistics,
+    sum_over_ranks,
+    tensorboard_writers,
+)
 from moelab.callbacks.heatmap import render_heatmap
 from moelab.callbacks.tags import (
     LOAD_HEATMAP_TAG,
@@ -80,7 +88,9 @@ class ExpertUtilisation(L.Callback):
     At the end of each validation: `moe/load_heatmap`, an image of layer × expert load over
     the whole validation set, as a multiple of the mean load (1 = perfectly balanced).
 
-    `every_n_steps=None` follows `trainer.log_every_n_steps`. Only rank 0 computes and writes.
+    Every statistic covers the tokens of all ranks: on a logging step every rank sums its
+    layers' counts into one all-reduce (none on other steps), and rank 0 writes.
+    `every_n_steps=None` follows `trainer.log_every_n_steps`.
     """
 
     def __init__(self, every_n_steps: int | None = None, load_heatmap: bool = True) -> None:
@@ -91,30 +101,29 @@ class ExpertUtilisation(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if not trainer.is_global_zero or step == self._last_logged_step or not is_logging_step(trainer, self.every_n_steps):
+        if step == self._last_logged_step or not is_logging_step(trainer, self.every_n_steps):
             return
         self._last_logged_step = step  # with gradient accumulation several batches share a step
+        statistics = step_statistics(trainer, pl_module)  # every rank: one all-reduce
+        if not trainer.is_global_zero:
+            return
         writers = tensorboard_writers(trainer)
         scalars: dict[str, float] = {}
-        for index, layer in indexed_moe_layers(pl_module):
-            plan = layer.last_plan
-            if plan is None:
-                continue
-            for name, value in utilisation_scalars(plan).items():
-                scalars[layer_scalar_tag(index, name)] = value
-            for name, value in layer.aux_losses.items():
-                scalars[aux_loss_tag(index, name)] = float(value.detach())
+        for index, layer in statistics.items():
+            scalars.update({layer_scalar_tag(index, name): value for name, value in layer.scalars.items()})
+            scalars.update({aux_loss_tag(index, name): value for name, value in layer.aux_losses.items()})
             for writer in writers:
-                write_expert_histogram(writer, tokens_per_expert_tag(index), plan.tokens_per_expert_E, step)
-                write_expert_histogram(writer, router_prob_share_tag(index), router_prob_share_E(plan), step)
+                write_expert_histogram(writer, tokens_per_expert_tag(index), layer.tokens_per_expert_E, step)
+                write_expert_histogram(writer, router_prob_share_tag(index), layer.router_prob_share_E, step)
         log_scalars(trainer, scalars, step)
 
-    # Validation: accumulate tokens per expert over the epoch, render once at its end.
+    # Validation: accumulate tokens per expert over the epoch on every rank, sum over the
+    # ranks once at its end, render on rank 0.
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._val_counts = {}
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not self.load_heatmap or trainer.sanity_checking or not trainer.is_global_zero:
+        if not self.load_heatmap or trainer.sanity_checking:
             return
         for index, layer in indexed_moe_layers(pl_module):
             if layer.last_plan is None:
@@ -124,10 +133,15 @@ class ExpertUtilisation(L.Callback):
             self._val_counts[index] = counts_E if previous is None else previous + counts_E
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._val_counts or trainer.sanity_checking:
+        if not self.load_heatmap or trainer.sanity_checking:
             return
+        indices = sorted(self._val_counts)
+        if indices:
+            flat = sum_over_ranks(torch.cat([self._val_counts[i] for i in indices]), trainer).cpu()
+            sizes = [len(self._val_counts[i]) for i in indices]
+            self._val_counts = dict(zip(indices, flat.split(sizes)))
         writers = tensorboard_writers(trainer)
-        if writers:
+        if writers and self._val_counts:
             image = load_heatmap_image(self._val_counts)
             for writer in writers:
                 writer.add_image(LOAD_HEATMAP_TAG, image, trainer.global_step)
