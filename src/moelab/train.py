@@ -150,6 +150,30 @@ def check_config(cfg: DictConfig) -> None:
                           "init_from=<a checkpoint of this model trained with model.moe_every=0>")
     if sharded and cfg.trainer.get("gradient_clip_algorithm") == "value":
         raise ConfigError("trainer=fsdp/fsdp_ep clip gradients by norm only: set trainer.gradient_clip_algorithm=norm")
+    check_devices(cfg.trainer.get("accelerator"), cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1))
+
+
+def check_devices(accelerator: object, devices: object, num_nodes: object = 1,
+                  gpus_here: int | None = None) -> None:
+    """A GPU trainer asking for more GPUs than this machine has (trainer=gpu/ddp8 on a
+    CPU-only or smaller machine) is one line naming the fix, not Lightning's "No supported
+    gpu backend found!". Multi-node runs are left to the cluster (each node checks itself)."""
+    if str(accelerator) not in ("gpu", "cuda") or num_nodes not in (1, None):
+        return
+    import torch
+
+    available = torch.cuda.device_count() if gpus_here is None else gpus_here
+    wanted = devices if isinstance(devices, int) and not isinstance(devices, bool) else None
+    if isinstance(devices, (list, tuple)) or (isinstance(devices, str) and devices not in ("auto", "-1")):
+        return  # explicit device ids: Lightning names a missing one itself
+    if available == 0:
+        processes = wanted if wanted and wanted > 1 else None
+        fix = (f"trainer.accelerator=cpu trainer.devices={processes} ({processes} CPU processes, the same strategy)"
+               if processes else "trainer=cpu")
+        raise ConfigError(f"trainer.accelerator={accelerator}, but this machine has no GPU: run on the CPU with {fix}")
+    if wanted is not None and wanted > available:
+        raise ConfigError(f"trainer.devices={wanted} asks for {wanted} GPUs, but this machine has {available}: set "
+                          f"trainer.devices={available}")
 
 
 def relaunch_as_single_run() -> None:
