@@ -109,10 +109,8 @@ def measure(experiment: str, steps: int, warmup: int, extra: list[str], compile_
         cfg.trainer.max_steps, cfg.trainer.max_epochs = steps + warmup, -1
         cfg.trainer.limit_val_batches, cfg.trainer.num_sanity_val_steps = 0, 0
         cfg.trainer.enable_checkpointing, cfg.trainer.enable_progress_bar = False, False
+        cfg.task.compile = compile_blocks  # task.compile: each block compiled when the model is configured
     datamodule, task, trainer = build(cfg)
-    if compile_blocks:
-        for block in task.model.blocks:
-            block.compile()
     timer = StepTimer(warmup, profile)
     trainer.callbacks.append(timer)
     trainer.fit(task, datamodule=datamodule)

@@ -141,8 +141,20 @@ def grouped_mm(x_ND: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
         x_ND, w_EIO = x_ND.to(dtype), w_EIO.to(dtype)
     else:
         w_EIO = w_EIO.to(x_ND.dtype)
+    if x_ND.dtype == torch.float32 and torch.compiler.is_compiling():
+        # The op's meta (fake-tensor) kernel accepts only bf16/fp16, though the CPU and CUDA
+        # kernels run fp32: under torch.compile an fp32 grouped matmul runs eagerly (a graph
+        # break around it); bf16 compiles into the graph.
+        return _grouped_mm_eager(x_ND, w_EIO, offsets_E)
+    return _grouped_mm(x_ND, w_EIO, offsets_E)
+
+
+def _grouped_mm(x_ND: Tensor, w_EIO: Tensor, offsets_E: Tensor) -> Tensor:
     out_NO = torch._grouped_mm(x_ND, w_EIO, offs=offsets_E)
     if out_NO.requires_grad:
         # The kernel's backward rejects broadcast (stride-0) gradients, e.g. from .sum().
         out_NO.register_hook(lambda grad: grad.contiguous())
     return out_NO
+
+
+_grouped_mm_eager = torch.compiler.disable(_grouped_mm)

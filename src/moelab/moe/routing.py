@@ -150,7 +150,7 @@ class Routing:
         y_TKD = _GatherRows.apply(y_ND, row_TK.reshape(-1), choice_N.unsqueeze(1), self.valid_N is not None)
         # An elementwise product and a sum over k (fp32 accumulation inside the sum): a batched
         # matmul here is T products of (1, k) x (k, D), which cuBLAS runs as slow gemv kernels.
-        y_TKD = y_TKD.view(num_tokens, top_k, -1)
+        y_TKD = y_TKD.reshape(num_tokens, top_k, -1)  # reshape: its backward may get an expanded gradient
         return (y_TKD * weight_TK.to(y_ND.dtype).unsqueeze(-1)).sum(1)
 
     def expert_index_N(self) -> Tensor:

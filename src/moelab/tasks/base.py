@@ -45,9 +45,26 @@ class MoETask(L.LightningModule):
 
     def configure_model(self) -> None:
         """Under FSDPExpertParallelStrategy: split experts over ep and shard with FSDP2
-        (idempotent; a no-op for single-device and DDP runs, which have no mesh)."""
+        (idempotent; a no-op for single-device and DDP runs, which have no mesh). Then, with
+        `task.compile=true`, compile each transformer block."""
         if self.device_mesh is not None:
             parallelize(self.model, self.device_mesh)
+        if self._compile_backend is not None and not getattr(self.model, "_moelab_compiled", False):
+            for block in transformer_blocks(self.model):
+                block.compile(backend=self._compile_backend)
+            self.model._moelab_compiled = True
+
+    _compile_backend: str | None = None
+
+    def compile_blocks(self, compile: bool = False, backend: str = "inductor") -> None:
+        """`task.compile`: torch.compile every transformer block (`model.blocks`, or a ViT's
+        `model.vit.blocks`) when the model is configured, per block as torchtitan does, so a
+        recompile stays local to one block."""
+        if not compile:
+            return
+        if not transformer_blocks(self.model):
+            raise ConfigError(f"task.compile=true compiles transformer blocks; {type(self.model).__name__} has none")
+        self._compile_backend = backend
 
     aux_loss_scale: float = 1.0
 
@@ -211,3 +228,12 @@ def first_nonfinite(task: L.LightningModule, batch: Any) -> str:
             if not math.isfinite(float(value)):
                 return f"the {name} auxiliary loss of MoE layer {layer.layer_index} is {float(value)}"
     return "the forward pass is finite: the backward pass made the gradients non-finite"
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks: `model.blocks` (the LM) or `model.vit.blocks` (the ViT)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None and hasattr(model, "vit"):
+        blocks = getattr(model.vit, "blocks", None)
+    return list(blocks) if blocks is not None else []
+

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +13,7 @@ from torchmetrics import MeanMetric
 from moelab.moe.errors import ConfigError
 from moelab.moe.layer import moe_layers
 from moelab.tasks.base import MoETask
+from moelab.tasks.throughput import Throughput, training_flops_per_token
 from moelab.tasks.optim import check_optimizer_hparams
 
 
@@ -49,16 +49,19 @@ class LanguageModeling(MoETask):
         aux_loss_scale: float = 1.0,
         distill_weight: float = 0.5,
         distill_temperature: float = 2.0,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         check_optimizer_hparams(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.fine_tune(freeze, aux_loss_scale)
+        self.compile_blocks(compile, compile_backend)
         self.eval_ce = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         self._sample_prompt: Tensor | None = None
-        self._epoch_start_time: float | None = None
-        self._epoch_tokens = 0
+        self.throughput = Throughput("tokens_per_s")
+        self._flops_per_token: float | None = None
 
     def forward(self, token_ids: Tensor) -> Tensor:
         return self.model(token_ids)
@@ -103,26 +106,17 @@ class LanguageModeling(MoETask):
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         loss = self.add_aux_losses(self.with_teacher(ce, logits, inputs))
         self.log_dict({"train/loss": loss, "train/ce": ce}, prog_bar=True)
-        self._log_throughput(inputs.numel())
+        self._log_throughput(inputs)
         return loss
 
-    def _log_throughput(self, tokens: int) -> None:
-        # Training tokens per wall-clock second since the epoch's first step (data, forward,
-        # backward, optimiser; validation excluded): an average, steadier than one step's time.
-        # A reading of the machine, not a result: it goes to the loggers on logging steps but
-        # not into the run's metrics, which stay identical between identical runs.
-        now = time.perf_counter()
-        if self._epoch_start_time is None:
-            self._epoch_start_time, self._epoch_tokens = now, 0
-            return
-        self._epoch_tokens += tokens
-        if (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0:
-            value = self._epoch_tokens / max(now - self._epoch_start_time, 1e-9)
-            for logger in self.loggers:
-                logger.log_metrics({"train/tokens_per_s": value}, step=self.global_step)
+    def _log_throughput(self, inputs: Tensor) -> None:
+        if self._flops_per_token is None:
+            model = self.model
+            self._flops_per_token = training_flops_per_token(model, model.depth, model.d_model, inputs.shape[1], causal=True)
+        self.throughput.step(self, inputs.numel(), self._flops_per_token)
 
     def on_train_epoch_start(self) -> None:
-        self._epoch_start_time = None
+        self.throughput.restart()
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         inputs, targets = batch

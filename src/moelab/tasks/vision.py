@@ -8,6 +8,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from moelab.tasks.base import MoETask
 from moelab.tasks.optim import check_optimizer_hparams
+from moelab.tasks.throughput import Throughput, training_flops_per_token
 
 
 class ImageClassification(MoETask):
@@ -29,15 +30,20 @@ class ImageClassification(MoETask):
         aux_loss_scale: float = 1.0,
         distill_weight: float = 0.5,
         distill_temperature: float = 2.0,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         check_optimizer_hparams(lr, weight_decay, betas, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.fine_tune(freeze, aux_loss_scale)
+        self.compile_blocks(compile, compile_backend)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.throughput = Throughput("images_per_s")
+        self._flops_per_image: float | None = None
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
@@ -52,8 +58,21 @@ class ImageClassification(MoETask):
             ce = F.cross_entropy(logits, labels)
         loss = self.add_aux_losses(self.with_teacher(ce, logits, images))
         self.train_acc(logits, labels)
+        self.throughput.step(self, images.shape[0], self._image_flops())
         self.log_dict({"train/loss": loss, "train/ce": ce, "train/acc": self.train_acc}, prog_bar=True)
         return loss
+
+    def _image_flops(self) -> float | None:
+        """Training FLOPs per image of a ViT (timm's layout: `.vit.blocks`), else None."""
+        vit = getattr(self.model, "vit", None)
+        if self._flops_per_image is None and vit is not None:
+            tokens = vit.patch_embed.num_patches + vit.num_prefix_tokens
+            per_token = training_flops_per_token(self.model, len(vit.blocks), vit.embed_dim, tokens, causal=False)
+            self._flops_per_image = per_token * tokens
+        return self._flops_per_image
+
+    def on_train_epoch_start(self) -> None:
+        self.throughput.restart()
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
         images, labels = batch
