@@ -14,6 +14,7 @@ from hydra.errors import MissingConfigException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from moelab.callbacks.tags import tokens_per_expert_tag
+from moelab.moe.errors import ConfigError
 from moelab.train import run
 
 from .conftest import ROOT, compose_config
@@ -58,6 +59,9 @@ def test_cli_run_writes_metrics_config_checkpoint_and_histograms(tmp_path):
         for event in steps:
             assert len(event.histogram_value.bucket) == 8
             assert sum(event.histogram_value.bucket) == tokens * 2
+    # Throughput is a machine reading: TensorBoard only (no train/mfu on a CPU).
+    assert "train/images_per_s" not in metrics and "train/mfu" not in events.Tags()["scalars"]
+    assert all(e.value > 0 for e in events.Scalars("train/images_per_s"))
 
 
 def test_bad_config_is_one_line_without_traceback(tmp_path):
@@ -85,6 +89,8 @@ def test_bad_config_is_one_line_without_traceback(tmp_path):
         ("loss.balance=-1", "loss.balance=-1 is negative, which rewards what the balance loss penalises"),
         ("loss.zloss=abc", "loss.zloss=abc must be a number"),
         ("trainer=fsdp +trainer.gradient_clip_algorithm=value", "trainer=fsdp/fsdp_ep clip gradients by norm only"),
+        pytest.param("trainer=ddp8", "but this machine has no GPU: run on the CPU with trainer.accelerator=cpu "
+                     "trainer.devices=8", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine")),
     ],
 )
 def test_bad_config_messages(tmp_path, override, message):
@@ -227,3 +233,15 @@ def test_a_run_too_short_to_validate_warns_and_exits_0(tmp_path):
     metrics = strict_json(tmp_path / "run" / "metrics.json")
     assert metrics["status"] == "ok" and metrics["step"] == 3 and "val/acc" not in metrics
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_gpu_trainer_larger_than_the_machine_names_what_it_has():
+    from moelab.train import check_devices
+
+    with pytest.raises(ConfigError, match="trainer.devices=8 asks for 8 GPUs, but this machine has 2: set trainer.devices=2"):
+        check_devices("gpu", 8, gpus_here=2)
+    with pytest.raises(ConfigError, match="no GPU: run on the CPU with trainer=cpu"):
+        check_devices("gpu", 1, gpus_here=0)
+    check_devices("gpu", 2, gpus_here=2)
+    check_devices("gpu", 8, num_nodes=2, gpus_here=4)  # each node checks its own
+    check_devices("cpu", 8, gpus_here=0)

@@ -149,3 +149,35 @@ def test_maskmoe_under_fsdp_ep_keeps_the_one_process_mask(tmp_path):
         if hasattr(module, "fit_token_mask"):
             module.fit_token_mask(counts)
             assert torch.equal(saved[f"{name}.allowed_VE"], module.allowed_VE), name
+
+
+def test_two_ranks_log_the_statistics_of_one_process_on_the_concatenated_batch(tmp_path):
+    """Rank r trains on items r, r+2, … of the same permutation, so two ranks with batch 16
+    see together the one process's batch of 32; their logged routing must be that batch's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from moelab.callbacks.tags import LOAD_HEATMAP_TAG, specialisation_tag, tokens_per_expert_tag
+
+    common = ("loss=none", "task.lr=1e-6", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+              "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "test=false", "callbacks.progress=null",
+              "callbacks.expert_specialisation.every_n_epochs=1", "trainer.accelerator=cpu", "trainer.num_sanity_val_steps=0")
+    two = train_cli(tmp_path / "two", *common, "trainer=ddp", "trainer.devices=2", "data.batch_size=16")
+    assert two.returncode == 0, two.stderr[-3000:]
+    from moelab.train import run
+
+    run(compose_config(tmp_path / "one", *common, "data.batch_size=32"))  # one process, in this one
+
+    def events(run):
+        accumulator = EventAccumulator(str(tmp_path / run / "tensorboard"), size_guidance={"histograms": 0, "images": 0})
+        accumulator.Reload()
+        return accumulator
+
+    a, b = events("two"), events("one")
+    for layer in (1, 3):
+        tag = tokens_per_expert_tag(layer)
+        first_a, first_b = a.Histograms(tag)[0], b.Histograms(tag)[0]  # step 1: the initial model on batch 0
+        assert first_a.step == first_b.step == 1
+        assert list(first_a.histogram_value.bucket) == list(first_b.histogram_value.bucket)
+        assert sum(first_b.histogram_value.bucket) == 32 * 16 * 2  # images × patches × k: all 32 images
+        for image_tag in (specialisation_tag(layer, "expert_class"), LOAD_HEATMAP_TAG):
+            assert a.Images(image_tag)[-1].encoded_image_string == b.Images(image_tag)[-1].encoded_image_string

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from moelab.train import run
@@ -102,3 +103,16 @@ def test_weight_decay_skips_normalised_embeddings():
     decay, no_decay = adamw_param_groups(layer, 0.1)
     assert any(p is layer.router.expert_embeddings for p in no_decay["params"])
     assert any(p is layer.router.project.weight for p in decay["params"])
+
+
+def test_training_flops_per_token_and_the_peak_table(monkeypatch):
+    from moelab.tasks import throughput
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3))  # 40 embedding + 15 weights
+    assert throughput.training_flops_per_token(model, depth=2, width=4, seq_len=8, causal=True) == 6 * 15 + 6 * 2 * 8 * 4
+    assert throughput.training_flops_per_token(model, depth=2, width=4, seq_len=8, causal=False) == 6 * 15 + 12 * 2 * 8 * 4
+    assert throughput.peak_flops(torch.device("cpu")) is None
+    for name, tflops in (("NVIDIA H100 PCIe", 756), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA A100-SXM4-80GB", 312),
+                         ("NVIDIA GeForce GTX 1080", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert throughput.peak_flops(torch.device("cuda", 0)) == (tflops and tflops * 1e12), name
