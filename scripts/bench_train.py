@@ -9,7 +9,8 @@ and reports tokens/s over the steps after `--warmup`, and MFU over active FLOPs:
 6 · N_active + 6 · layers · seq_len · d_model per token (PaLM's formula, attention
 included), N_active = non-embedding parameters a token uses (each MoE layer: router,
 shared experts and k/E of the routed experts; the output head counted). Peak FLOP/s:
-`--peak-tflops`, or 989 for H100/H200 bf16 (dense), or none (no MFU).
+`--peak-tflops`, or moelab.tasks.throughput's table of dense bf16 peaks (H100/H200 989), or
+none (no MFU).
 
     --scatter              every routing plan on the generic index + scatter-add path (A/B
                            against the default row gathers)
@@ -31,11 +32,10 @@ from lightning.pytorch import Callback
 from omegaconf import open_dict
 
 from moelab.moe import routing
-from moelab.moe.layer import active_parameters
+from moelab.tasks.throughput import active_non_embedding_parameters, peak_flops
 from moelab.train import build
 
 ROOT = Path(__file__).resolve().parents[1]
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
 
 
 class StepTimer(Callback):
@@ -76,14 +76,6 @@ class StepTimer(Callback):
         print(f"profile: 3 training batches after {self.warmup + 1}, by {sort_by}")
         print(self.profiler.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=70))
         self.profiler = None
-
-
-def active_non_embedding_parameters(model: torch.nn.Module) -> int:
-    """Parameters one token uses, embeddings excluded (a tied head is counted once, as the head)."""
-    embeddings = [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)]
-    heads = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    untied = sum(e.numel() for e in embeddings if not any(e is h for h in heads))
-    return active_parameters(model) - untied
 
 
 def write_random_tokens(out: Path, vocab_size: int, tokens: int) -> None:
@@ -136,8 +128,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     peak = args.peak_tflops
-    if peak is None:
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), 0.0)
+    if peak is None:  # moelab.tasks.throughput's table of dense bf16 peaks; none on the CPU
+        peak = (peak_flops(torch.device("cuda")) or 0.0) / 1e12 if torch.cuda.is_available() else 0.0
     overrides = list(args.overrides)
     if args.random_tokens is not None:
         if not (args.random_tokens / "meta.json").exists():

@@ -111,6 +111,9 @@ def test_training_flops_per_token_and_the_peak_table(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3))  # 40 embedding + 15 weights
     assert throughput.training_flops_per_token(model, depth=2, width=4, seq_len=8, causal=True) == 6 * 15 + 6 * 2 * 8 * 4
     assert throughput.training_flops_per_token(model, depth=2, width=4, seq_len=8, causal=False) == 6 * 15 + 12 * 2 * 8 * 4
+    tied = torch.nn.ModuleDict({"embed": torch.nn.Embedding(10, 4), "head": torch.nn.Linear(4, 10, bias=False)})
+    tied.head.weight = tied.embed.weight  # a tied head: its matmul counts, once
+    assert throughput.training_flops_per_token(tied, depth=1, width=4, seq_len=8, causal=True) == 6 * 40 + 6 * 8 * 4
     assert throughput.peak_flops(torch.device("cpu")) is None
     for name, tflops in (("NVIDIA H100 PCIe", 756), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA A100-SXM4-80GB", 312),
                          ("NVIDIA GeForce GTX 1080", None)):

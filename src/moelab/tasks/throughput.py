@@ -36,11 +36,19 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def active_non_embedding_parameters(model: nn.Module) -> int:
+    """Parameters one token uses, embedding lookups excluded; an embedding tied to the
+    output head (a Linear with the same weight) is counted once, as the head's matmul."""
+    embeddings = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    heads = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    untied = sum(e.numel() for e in embeddings if not any(e is h for h in heads))
+    return active_parameters(model) - untied
+
+
 def training_flops_per_token(model: nn.Module, depth: int, width: int, seq_len: int, causal: bool) -> float:
-    """6·N_active (embeddings excluded) + attention's 12·L·s·d (6·L·s·d causal)."""
-    embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+    """6·N_active (embedding lookups excluded) + attention's 12·L·s·d (6·L·s·d causal)."""
     attention = (6 if causal else 12) * depth * seq_len * width
-    return 6.0 * (active_parameters(model) - embeddings) + attention
+    return 6.0 * active_non_embedding_parameters(model) + attention
 
 
 class Throughput:
