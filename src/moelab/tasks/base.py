@@ -56,6 +56,24 @@ class MoETask(L.LightningModule):
 
     _compile_backend: str | None = None
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Lightning's loader, with the model built from the config the checkpoint carries
+        (the model is not a hyperparameter), so `Task.load_from_checkpoint(path)` needs no
+        other argument. A sharded folder is refused in one line: `moelab.load(path)` reads it."""
+        from pathlib import Path
+
+        from moelab.loading import load_model
+
+        if Path(str(checkpoint_path)).is_dir():
+            raise ConfigError(f"{checkpoint_path} is a sharded checkpoint folder: read its model with "
+                              "moelab.load(path), or resume it with trainer=fsdp/fsdp_ep")
+        if "model" not in kwargs:
+            kwargs["model"] = load_model(str(checkpoint_path), "checkpoint")
+        kwargs.setdefault("weights_only", True)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, **kwargs)
+
     def compile_blocks(self, compile: bool = False, backend: str = "inductor") -> None:
         """`task.compile`: torch.compile every transformer block (`model.blocks`, or a ViT's
         `model.vit.blocks`) when the model is configured, per block as torchtitan does, so a
