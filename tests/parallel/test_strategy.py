@@ -97,11 +97,15 @@ def test_a_bad_input_found_on_every_rank_is_one_line_per_rank(tmp_path):
 
 def test_upcycling_distillation_freezing_and_merging_read_and_write_sharded_checkpoints(tmp_path):
     ep2 = ("trainer=fsdp_ep", "ep=2", "trainer.devices=2", "trainer.max_epochs=1", "test=false", *LIMITS)
-    dense = tmp_path / "dense"
-    result = train_cli(dense, *ep2, "model.moe_every=0")
-    assert result.returncode == 0, result.stderr[-3000:]
-    dense_ckpt = dense / "checkpoints" / "last.ckpt"
-    assert dense_ckpt.is_dir()
+    # The dense twin, trained in this process and saved as a sharded folder (the layout fsdp_ep
+    # runs write, as test_fsdp_ep_run_writes_once_... shows): the 2-rank runs below read it.
+    from moelab.checkpoints import save_model_state
+    from moelab.train import run
+
+    run(compose_config(tmp_path / "dense_run", *LIMITS, "trainer.max_epochs=1", "test=false", "model.moe_every=0"))
+    weights, config = read_model_state(str(tmp_path / "dense_run" / "checkpoints" / "last.ckpt"), "x")
+    dense_ckpt = save_model_state(tmp_path / "dense", weights, config, sharded=True)
+    assert (dense_ckpt / ".metadata").is_file()
 
     # Upcycled from the sharded dense run, distilled from it, attention frozen: 2 ranks, ep=2.
     upcycled = tmp_path / "upcycled"
