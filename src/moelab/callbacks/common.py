@@ -75,56 +75,78 @@ class LayerStatistics:
     finite: bool  # every rank's router probabilities were finite
 
 
+PLAN_SCALARS = 6  # tokens, dropped·T, unrouted·T, entropy·T, z·T, non-finite flag
+
+
+def plan_sums(plan) -> Tensor:
+    """One routing plan's statistics as sums that add up over ranks (float64, on the plan's
+    device): tokens per expert (E), router probabilities summed over tokens (E), then the
+    token count, dropped fraction · T, unrouted fraction · T, entropy · T, router z · T
+    (0 for plans without router logits) and 1 if any probability is non-finite."""
+    from moelab.moe.losses import z_loss
+
+    stats = plan.stats()
+    counts_E = stats["tokens_per_expert"].detach().double()
+    probs_TE = plan.router_probs_TE.detach().double()
+    nonfinite = (~torch.isfinite(probs_TE).all()).double()
+    probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
+    tokens = float(probs_TE.shape[0])
+    z = z_loss(plan).detach().double() if hasattr(plan, "router_logits_TE") else counts_E.new_zeros(())
+    scalars = torch.stack([counts_E.new_tensor(tokens), stats["dropped_fraction"].double() * tokens,
+                           stats["unrouted_fraction"].double() * tokens, stats["router_entropy"].double() * tokens,
+                           z * tokens, nonfinite])
+    return torch.cat([counts_E, probs_TE.sum(0), scalars])
+
+
+def statistics_of_sums(sums: Tensor, has_z: bool) -> tuple[Tensor, Tensor, dict[str, float], bool]:
+    """(tokens per expert, router probability share, the `tags.UTILISATION_SCALARS`, finite)
+    from `plan_sums` (of one plan, or summed over ranks). load_*: over tokens per expert c
+    (max/mean, min/mean, coefficient of variation with the population std); router_z: mean
+    over tokens of (logsumexp h)², for plans with router logits (Soft MoE has slot logits)."""
+    sums = sums.detach().double().cpu()
+    num_experts = (len(sums) - PLAN_SCALARS) // 2
+    counts_E, prob_sum_E = sums[:num_experts], sums[num_experts : 2 * num_experts]
+    tokens, dropped, unrouted, entropy, z, nonfinite = sums[2 * num_experts :].tolist()
+    mean = counts_E.mean().clamp_min(1e-12)
+    scalars = {
+        "load_max_over_mean": float(counts_E.max() / mean),
+        "load_min_over_mean": float(counts_E.min() / mean),
+        "load_cv": float(counts_E.std(unbiased=False) / mean),
+        "dropped_fraction": dropped / tokens,
+        "unrouted_fraction": unrouted / tokens,
+        "router_entropy": entropy / tokens,
+    }
+    if has_z:
+        scalars["router_z"] = z / tokens
+    return counts_E, prob_sum_E / tokens, scalars, nonfinite == 0
+
+
 def step_statistics(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[int, LayerStatistics]:
     """Per MoE layer (by tag index), this training step's routing statistics over the
-    tokens of all ranks, from one all-reduce of every layer's sums; cached for the step, so
-    the callbacks that log on a step share it. A collective: call it on every rank."""
+    tokens of all ranks, from one all-reduce of every layer's `plan_sums` and auxiliary
+    losses; cached for the step, so the callbacks that log on a step share it. A
+    collective: call it on every rank."""
     cached = getattr(pl_module, "_moelab_step_statistics", None)
     if cached is not None and cached[0] == trainer.global_step:
         return cached[1]
-    from moelab.moe.losses import z_loss
-
     layers, parts = [], []
     for index, layer in indexed_moe_layers(pl_module):
         plan = layer.last_plan
         if plan is None:
             continue
-        stats = plan.stats()
-        counts_E = stats["tokens_per_expert"].detach().double()
-        probs_TE = plan.router_probs_TE.detach().double()
-        finite = torch.isfinite(probs_TE).all()
-        probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-        tokens = float(probs_TE.shape[0])
-        has_z = hasattr(plan, "router_logits_TE")
-        z = z_loss(plan).detach().double() if has_z else counts_E.new_zeros(())
         names = sorted(layer.aux_losses)
-        sums = torch.stack([counts_E.new_tensor(tokens), stats["dropped_fraction"].double() * tokens,
-                            stats["unrouted_fraction"].double() * tokens, stats["router_entropy"].double() * tokens,
-                            z * tokens, (~finite).double(), *(layer.aux_losses[n].detach().double() for n in names)])
-        layers.append((index, len(counts_E), has_z, names))
-        parts += [counts_E, probs_TE.sum(0), sums]
+        sums = plan_sums(plan)
+        layers.append((index, len(sums), hasattr(plan, "router_logits_TE"), names))
+        parts += [sums, *(layer.aux_losses[n].detach().double().reshape(1) for n in names)]
     if not parts:
         return {}
     flat = sum_over_ranks(torch.cat([p.to(parts[0].device) for p in parts]), trainer).cpu()
     world = max(1, trainer.world_size)
     result, at = {}, 0
-    for index, num_experts, has_z, names in layers:
-        counts_E, prob_sum_E = flat[at : at + num_experts], flat[at + num_experts : at + 2 * num_experts]
-        at += 2 * num_experts
-        tokens, dropped, unrouted, entropy, z, nonfinite, *aux = flat[at : at + 6 + len(names)].tolist()
-        at += 6 + len(names)
-        mean = counts_E.mean().clamp_min(1e-12)
-        scalars = {
-            "load_max_over_mean": float(counts_E.max() / mean),
-            "load_min_over_mean": float(counts_E.min() / mean),
-            "load_cv": float(counts_E.std(unbiased=False) / mean),
-            "dropped_fraction": dropped / tokens,
-            "unrouted_fraction": unrouted / tokens,
-            "router_entropy": entropy / tokens,
-        }
-        if has_z:
-            scalars["router_z"] = z / tokens
-        result[index] = LayerStatistics(counts_E, prob_sum_E / tokens, scalars,
-                                        {n: v / world for n, v in zip(names, aux)}, nonfinite == 0)
+    for index, size, has_z, names in layers:
+        counts_E, share_E, scalars, finite = statistics_of_sums(flat[at : at + size], has_z)
+        aux = flat[at + size : at + size + len(names)].tolist()
+        at += size + len(names)
+        result[index] = LayerStatistics(counts_E, share_E, scalars, {n: v / world for n, v in zip(names, aux)}, finite)
     pl_module._moelab_step_statistics = (trainer.global_step, result)
     return result

@@ -12,6 +12,8 @@ from moelab.callbacks.common import (
     indexed_moe_layers,
     is_logging_step,
     log_scalars,
+    plan_sums,
+    statistics_of_sums,
     step_statistics,
     sum_over_ranks,
     tensorboard_writers,
@@ -24,38 +26,18 @@ from moelab.callbacks.tags import (
     router_prob_share_tag,
     tokens_per_expert_tag,
 )
-from moelab.moe.losses import z_loss
 from moelab.moe.routing import Routing
 
 
 def utilisation_scalars(plan: Routing) -> dict[str, float]:
-    """Load imbalance, drops, entropy and router z of one plan (names: `tags.UTILISATION_SCALARS`).
-
-    load_*: over tokens_per_expert c (max/mean, min/mean, coefficient of variation std/mean,
-    population std). router_z: mean over tokens of (logsumexp h)², the z-loss value (only
-    for plans with router logits; Soft MoE has slot logits instead).
-    """
-    stats = plan.stats()
-    counts_E = stats["tokens_per_expert"].double()
-    mean = counts_E.mean().clamp_min(1e-12)
-    values = {
-        "load_max_over_mean": float(counts_E.max() / mean),
-        "load_min_over_mean": float(counts_E.min() / mean),
-        "load_cv": float(counts_E.std(unbiased=False) / mean),
-        "dropped_fraction": float(stats["dropped_fraction"]),
-        "unrouted_fraction": float(stats["unrouted_fraction"]),
-        "router_entropy": float(stats["router_entropy"]),
-    }
-    if hasattr(plan, "router_logits_TE"):
-        values["router_z"] = float(z_loss(plan).detach())
-    return values
+    """Load imbalance, drops, entropy and router z of one plan (names:
+    `tags.UTILISATION_SCALARS`; definitions: `common.statistics_of_sums`)."""
+    return statistics_of_sums(plan_sums(plan), hasattr(plan, "router_logits_TE"))[2]
 
 
 def router_prob_share_E(plan: Routing) -> Tensor:
-    """Mean router probability per expert, normalised to sum to 1."""
-    probs_TE = plan.router_probs_TE.detach().double()
-    probs_TE = probs_TE / probs_TE.sum(-1, keepdim=True).clamp_min(1e-20)
-    return probs_TE.mean(0)
+    """Mean router probability per expert over one plan's tokens, normalised to sum to 1."""
+    return statistics_of_sums(plan_sums(plan), False)[1]
 
 
 def write_expert_histogram(writer, tag: str, values_E: Tensor, step: int) -> None:

@@ -61,6 +61,7 @@ class Throughput:
         self.name = name  # e.g. "tokens_per_s"
         self.start: float | None = None
         self.items = 0
+        self.peak: float | None | bool = False  # the device's peak, looked up once (False: not yet)
 
     def restart(self) -> None:
         self.start = None
@@ -75,7 +76,9 @@ class Throughput:
             return
         rate = self.items / max(now - self.start, 1e-9)
         values = {f"train/{self.name}": rate}
-        peak = peak_flops(task.device)
+        if self.peak is False:
+            self.peak = peak_flops(task.device)
+        peak = self.peak
         if peak and flops_per_item:
             values["train/mfu"] = rate * flops_per_item / peak  # this rank's rate on this rank's device
         for logger in task.loggers:
