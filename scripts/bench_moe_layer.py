@@ -4,14 +4,16 @@
     python scripts/bench_moe_layer.py --tokens 2048 --d-model 256 --scale 8
 
 Columns, all measured in one run on one device: dense SwiGLU (hidden k·F); moelab top-k
-(dropless, grouped matmul); the same layer with every plan on the generic index +
-scatter-add path instead of row gathers (`moelab.moe.routing.GATHER_ROWS = False`); the
+(dropless, grouped matmul, the device's default path: row gathers on GPUs, index +
+scatter-add on the CPU); the same layer forced onto row gathers, then onto the generic
+index + scatter-add path (`moelab.moe.routing.GATHER_ROWS = True / False`); the
 same with parameters in the compute dtype (as HF's column has them; the other moelab
 columns keep fp32 parameters under autocast, as mixed-precision training does); Hugging
 Face's MixtralSparseMoeBlock (if `transformers` is installed); moelab expert choice and
 Soft MoE at the same active FLOPs (k·T expert rows). Each cell: milliseconds, and
 dense_ms / layer_ms in brackets (1.0 = as fast as dense). Gradients are cleared before
-every step, as `zero_grad(set_to_none=True)` does.
+every step, as `zero_grad(set_to_none=True)` does. The columns take turns step by step
+(median of `--steps` turns), so a shared machine's changing speed hits them alike.
 
     --compile   adds columns: the moelab top-k layer under torch.compile, gather and scatter paths
     --profile   then profiles the moelab top-k layer on the shape with the lowest dense/moelab
@@ -47,9 +49,9 @@ def hf_mixtral(d_model: int, hidden: int, experts: int, k: int, implementation: 
     return MixtralSparseMoeBlock(config)
 
 
-def timed(fn, x, steps: int, device: torch.device, dtype: torch.dtype, params: torch.nn.Module | None = None) -> float:
-    """Median ms of forward + backward; `params`: the module whose gradients to clear, if
-    `fn` is not that module itself (a compiled or wrapped one)."""
+def step_timer(fn, x, device: torch.device, dtype: torch.dtype, params: torch.nn.Module | None = None):
+    """A function that runs one forward + backward of `fn` and returns its ms; `params`: the
+    module whose gradients to clear, if `fn` is not that module itself (a compiled or wrapped one)."""
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = fn(x)
@@ -62,11 +64,7 @@ def timed(fn, x, steps: int, device: torch.device, dtype: torch.dtype, params: t
         if isinstance(module, torch.nn.Module):
             module.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        clear()
-        step()
-    times = []
-    for _ in range(steps):
+    def timed_step() -> float:
         clear()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -74,19 +72,39 @@ def timed(fn, x, steps: int, device: torch.device, dtype: torch.dtype, params: t
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+        return 1000 * (time.perf_counter() - start)
+
+    return timed_step
 
 
-def scatter_path(fn):
-    """`fn` run with every plan on the generic index + scatter-add path (no row gathers)."""
+def timed(fn, x, steps: int, device: torch.device, dtype: torch.dtype, params: torch.nn.Module | None = None) -> float:
+    """Median ms of forward + backward (after 3 warm-up steps)."""
+    return timed_side_by_side({"it": step_timer(fn, x, device, dtype, params)}, steps)["it"]
+
+
+def timed_side_by_side(timers: dict, steps: int) -> dict[str, float]:
+    """Median ms of each timer's step, the timers taking turns step by step (after 3 warm-up
+    steps each), so drifts of a shared machine's speed hit every column alike."""
+    times: dict[str, list[float]] = {key: [] for key in timers}
+    for key, timer in timers.items():
+        for _ in range(3):
+            timer()
+    for _ in range(steps):
+        for key, timer in timers.items():
+            times[key].append(timer())
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def on_path(fn, gathers: bool):
+    """`fn` run with every token-choice plan on one path: row gathers (True) or the generic
+    index + scatter-add (False), whatever the device's default (`routing.GATHER_ROWS`)."""
 
     def run(*args):
-        routing.GATHER_ROWS = False
+        routing.GATHER_ROWS = gathers
         try:
             return fn(*args)
         finally:
-            routing.GATHER_ROWS = True
+            routing.GATHER_ROWS = None
 
     return run
 
@@ -124,7 +142,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}, torch {torch.__version__}, {dtype}, T={args.tokens}, d={args.d_model}, fwd+bwd, "
           f"median of {args.steps}, HF experts={args.hf_experts}")
-    labels = {"dense": "dense", "moelab": "moelab", "scatter": "moelab scatter path", "weights": f"moelab {str(dtype)[6:]} weights",
+    labels = {"dense": "dense", "moelab": "moelab", "gather": "moelab gather path", "scatter": "moelab scatter path", "weights": f"moelab {str(dtype)[6:]} weights",
               "hf": "HF Mixtral", "ec": "expert choice", "soft": "soft"}
     if args.compile:
         labels |= {"compiled": "moelab compiled", "compiled_scatter": "compiled scatter path"}
@@ -141,7 +159,8 @@ def main() -> None:
         runs = {
             "dense": DenseFFN(args.d_model, k * hidden, "swiglu").to(device),
             "moelab": topk,
-            "scatter": scatter_path(topk),
+            "gather": on_path(topk, True),
+            "scatter": on_path(topk, False),
             # parameters in the compute dtype, as HF's column has them: no per-step weight cast
             "weights": MoELayer(args.d_model, hidden, partial(TopKRouter, k=k), swiglu).to(device, dtype),
             # HF's grouped_mm path casts its input to the weights' dtype (it ignores autocast),
@@ -153,19 +172,22 @@ def main() -> None:
         }
         if args.compile:
             runs["compiled"] = try_compile(topk)
-            runs["compiled_scatter"] = scatter_path(try_compile(topk))
-        ms = {}
+            runs["compiled_scatter"] = on_path(try_compile(topk), False)
+        timers = {}
+        ms = {key: float("nan") for key in runs}
         for key, run in runs.items():
             if run is None:
-                ms[key] = float("nan")
                 continue
             if key == "hf":
                 run = run.to(device, dtype)
+            timer = step_timer(run, x, device, dtype, params=topk if key in ("gather", "scatter", "compiled", "compiled_scatter") else None)
             try:
-                ms[key] = timed(run, x, args.steps, device, dtype, params=topk if key in ("scatter", "compiled", "compiled_scatter") else None)
+                timer()  # a compile failure shows here, before the timed rounds
             except CompileFailed as error:
                 print(f"{labels[key]}: torch.compile failed: {error}", flush=True)
-                ms[key] = float("nan")
+                continue
+            timers[key] = timer
+        ms |= timed_side_by_side(timers, args.steps)
         cells = " | ".join(f"{ms[key]:.2f} ({ms['dense'] / ms[key]:.2f})" for key in list(labels)[1:])
         print(f"| {experts} | {k} | {hidden} | {ms['dense']:.2f} | {cells} |", flush=True)
         if worst is None or ms["dense"] / ms["moelab"] < worst[0]:

@@ -13,7 +13,7 @@ shared experts and k/E of the routed experts; the output head counted). Peak FLO
 none (no MFU).
 
     --scatter              every routing plan on the generic index + scatter-add path (A/B
-                           against the default row gathers)
+                           against row gathers, the GPU default; the CPU default is this path)
     --profile              prints the MoE run's top kernels over 3 batches after the warm-up
     --compile              compiles each transformer block (torch.compile per block, as torchtitan does)
     --random-tokens DIR    trains on uniformly random token ids written to DIR (data=tokens), for

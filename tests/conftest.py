@@ -50,3 +50,23 @@ def make_cfg(tmp_path):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _trained(tmp_path_factory, name: str, overrides: list[str]) -> Path:
+    from moelab.train import run
+
+    folder = tmp_path_factory.mktemp(name)
+    run(compose_config(folder, *overrides))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained_vit(tmp_path_factory) -> Path:
+    """The run folder of a few VIT_FAST steps, trained once for every test that only reads it."""
+    return _trained(tmp_path_factory, "trained_vit", VIT_FAST)
+
+
+@pytest.fixture(scope="session")
+def trained_lm(tmp_path_factory) -> Path:
+    """The run folder of a few LM_FAST steps, trained once for every test that only reads it."""
+    return _trained(tmp_path_factory, "trained_lm", LM_FAST)

@@ -10,15 +10,12 @@ import moelab
 from moelab.moe.errors import ConfigError
 from moelab.tasks.language import LanguageModeling
 from moelab.tasks.vision import ImageClassification
-from moelab.train import run
 
-from .conftest import LM_FAST, VIT_FAST, compose_config
 
 
 @pytest.mark.parametrize("kind", ["vit", "lm"])
-def test_a_checkpoint_loads_as_a_model_and_as_its_task(tmp_path, kind):
-    run(compose_config(tmp_path / "run", *(VIT_FAST if kind == "vit" else LM_FAST)))
-    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+def test_a_checkpoint_loads_as_a_model_and_as_its_task(request, kind):
+    path = request.getfixturevalue(f"trained_{kind}") / "checkpoints" / "last.ckpt"
     model = moelab.load(path)
     task = (ImageClassification if kind == "vit" else LanguageModeling).load_from_checkpoint(path)
     assert not model.training

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 
-from moelab.train import run
+from moelab.data.digits import DigitsDataModule
+from moelab.parallel.checkpoint import load_sharded_into
+from moelab.train import build_model, run
 
 from .conftest import compose_config
 from .stops import Crash
@@ -95,14 +98,33 @@ def test_lm_stopped_and_resumed_equals_the_uninterrupted_run(tmp_path):
     assert record(tmp_path / "resumed") == straight and "val/bpb" in straight
 
 
-def test_fsdp_ep_on_two_ranks_stopped_by_a_signal_to_one_rank_resumes_exactly(tmp_path):
+def test_fsdp_ep_on_two_ranks_writes_once_and_resumes_exactly_and_into_other_layouts(tmp_path):
     common = (
         "trainer=fsdp_ep", "ep=2", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_epochs=2",
-        "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
-        "data.batch_size=16", "router=noisy_topk", "callbacks.progress=null",
+        "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "data.batch_size=16", "router=noisy_topk",
+        "callbacks.progress=null",
     )
-    straight = train_cli(tmp_path / "straight", *common)
+    straight_dir = tmp_path / "straight"
+    straight = train_cli(straight_dir, *common)
     assert straight.returncode == 0, straight.stderr[-3000:]
+    # Rank 1 ran in the same folder (its log is there); only rank 0 wrote metrics and TensorBoard.
+    assert (straight_dir / "train_ddp_process_1.log").exists()
+    events = list((straight_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert len({path.name.split(".")[4] for path in events}) == 1, events  # one writer process
+    final = straight_dir / "checkpoints" / "last.ckpt"
+    assert final.is_dir(), "a distributed checkpoint is a folder of shards"
+
+    # The ep=2 checkpoint in one process, for inference: the run's own test accuracy.
+    cfg = compose_config(tmp_path / "single", "router=noisy_topk")
+    task = instantiate(cfg.task, model=build_model(cfg))
+    load_sharded_into(task, final).eval()
+    data = DigitsDataModule()
+    data.setup()
+    images, labels = data.splits["test"].tensors
+    with torch.no_grad():
+        accuracy = (task(images).argmax(-1) == labels).float().mean().item()
+    assert accuracy == pytest.approx(record(straight_dir)["test/acc"], abs=1e-6)
+
     # SIGINT reaches rank 1 only: the ranks agree to stop after the same step.
     stopped = train_cli(tmp_path / "stopped", *common, "+callbacks.stop._target_=tests.stops.SignalAt",
                         "+callbacks.stop.step=1", "+callbacks.stop.rank=1")
@@ -113,7 +135,15 @@ def test_fsdp_ep_on_two_ranks_stopped_by_a_signal_to_one_rank_resumes_exactly(tm
     assert torch.load(checkpoint / "meta.pt", weights_only=True)["global_step"] == 2
     resumed = train_cli(tmp_path / "resumed", *common, f"ckpt_path={checkpoint}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert record(tmp_path / "resumed") == record(tmp_path / "straight")
+    assert record(tmp_path / "resumed") == record(straight_dir)
+
+    # The ep=2 checkpoint resumes under plain FSDP (ep=1) for a third epoch. (Resharding into
+    # ep=4 is checked without Lightning in tests/parallel/test_fsdp_ep.py.)
+    longer = train_cli(tmp_path / "ep1", "trainer=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
+                       "trainer.max_epochs=3", "test=false", f"ckpt_path={final}", *common[5:])
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    meta = torch.load(tmp_path / "ep1" / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=False)
+    assert (meta["global_step"], meta["epoch"]) == (12, 2)
 
 
 def test_a_requeued_slurm_job_in_its_own_folder_continues_from_last_ckpt(tmp_path, vit_straight):

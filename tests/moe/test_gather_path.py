@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from moelab.moe import DenseRouter, GroupedExperts, GShardRouter, MoELayer, NoisyTopKRouter, TopKRouter
+from moelab.moe import routing
 from moelab.moe.routing import Routing
+
+
+@pytest.fixture(autouse=True)
+def _gathers_on_the_cpu(monkeypatch):
+    """The gather path is the accelerators' default; force it on the CPU, where it is tested."""
+    monkeypatch.setattr(routing, "GATHER_ROWS", True)
 
 ROUTERS = {
     "topk": partial(TopKRouter, k=2),

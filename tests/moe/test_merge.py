@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import runpy
-import subprocess
 import sys
 
 import pytest
@@ -81,15 +80,20 @@ def test_hash_maps_follow_their_experts_and_bad_targets_are_refused():
         expert_groups(moe, 9, "uniform", torch.ones(8))
 
 
-def test_merge_script_reports_and_writes_loadable_checkpoints(tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
-    fast = ["trainer=debug", "callbacks.progress=null", f"hydra.run.dir={run_dir}"]
-    assert subprocess.run([sys.executable, "train.py", *fast], cwd=ROOT, capture_output=True).returncode == 0
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    result = subprocess.run([sys.executable, "scripts/merge_experts.py", str(ckpt), "--to", "4", "1", "--method", "usage",
-                             "similarity", "--out", str(tmp_path / "merged")], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "method" not in line]
+def run_merge_script(monkeypatch, *args: str) -> None:
+    """scripts/merge_experts.py's entry point, in this process (what `python scripts/merge_experts.py` runs)."""
+    monkeypatch.setattr(sys, "argv", ["merge_experts.py", *args])
+    with pytest.raises(SystemExit) as ended:
+        runpy.run_path(str(ROOT / "scripts" / "merge_experts.py"), run_name="__main__")
+    if ended.value.code not in (0, None):
+        raise ended.value
+
+
+def test_merge_script_reports_and_writes_loadable_checkpoints(tmp_path, monkeypatch, capsys, trained_vit):
+    ckpt = trained_vit / "checkpoints" / "last.ckpt"
+    run_merge_script(monkeypatch, str(ckpt), "--to", "4", "1", "--method", "usage", "similarity",
+                     "--out", str(tmp_path / "merged"))
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "method" not in line]
     assert [r.split(" | ")[:2] for r in rows] == [["| original", "8"], ["| usage", "4"], ["| usage", "1"],
                                                    ["| similarity", "4"], ["| similarity", "1"]]
     for name, experts in (("merged_usage_E4.ckpt", 4), ("merged_similarity_E1.ckpt", 1)):
@@ -99,7 +103,6 @@ def test_merge_script_reports_and_writes_loadable_checkpoints(tmp_path, monkeypa
         model.load_state_dict(load_model_weights(str(path)))  # strict: the shapes of `experts` per layer
         assert cfg.experts == experts
     # A refusal, in this process (the script's own entry point): one line, no traceback.
-    monkeypatch.setattr(sys, "argv", ["merge_experts.py", str(ckpt), "--to", "3"])
     with pytest.raises(SystemExit) as refused:
-        runpy.run_path(str(ROOT / "scripts" / "merge_experts.py"), run_name="__main__")
+        run_merge_script(monkeypatch, str(ckpt), "--to", "3")
     assert str(refused.value).startswith("moelab: error: --method usage")

@@ -15,49 +15,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from moelab.checkpoints import read_model_state
-from moelab.data.digits import DigitsDataModule
 from moelab.loading import load_model
 from moelab.moe.layer import moe_layers
-from moelab.parallel.checkpoint import load_sharded_into
 from moelab.train import build_model as model_of
 
 from ..conftest import ROOT, compose_config
 from ..test_train import train_cli
 
 LIMITS = ("trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "callbacks.progress=null", "trainer.accelerator=cpu")
-
-
-def test_fsdp_ep_run_writes_once_and_resumes_into_ep1_and_one_process(tmp_path):
-    first = tmp_path / "ep2"
-    result = train_cli(first, "trainer=fsdp_ep", "ep=2", "trainer.devices=2", "trainer.max_epochs=1", *LIMITS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    # Rank 1 ran in the same folder (its log is there); only rank 0 wrote metrics and TensorBoard.
-    assert (first / "train_ddp_process_1.log").exists()
-    events = list((first / "tensorboard").glob("events.out.tfevents.*"))
-    assert len({path.name.split(".")[4] for path in events}) == 1, events  # one writer process
-    metrics = json.loads((first / "metrics.json").read_text())
-    checkpoint = first / "checkpoints" / "last.ckpt"
-    assert checkpoint.is_dir(), "a distributed checkpoint is a folder of shards"
-
-    # The ep=2 checkpoint in one process, for inference: same test accuracy as the run's own test.
-    cfg = compose_config(tmp_path / "single")
-    task = instantiate(cfg.task, model=model_of(cfg))
-    load_sharded_into(task, checkpoint).eval()
-    data = DigitsDataModule()
-    data.setup()
-    images, labels = data.splits["test"].tensors
-    with torch.no_grad():
-        accuracy = (task(images).argmax(-1) == labels).float().mean().item()
-    assert accuracy == pytest.approx(metrics["test/acc"], abs=1e-6)
-
-    # Resume the ep=2 checkpoint with plain FSDP (ep=1): training continues from step 3.
-    # (Resharding into ep=4 is checked without Lightning in test_fsdp_ep.py.)
-    second = tmp_path / "ep1"
-    result = train_cli(second, "trainer=fsdp", "trainer.devices=2", "trainer.max_epochs=2", "test=false",
-                       f"ckpt_path={checkpoint}", *LIMITS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    meta = torch.load(second / "checkpoints" / "last.ckpt" / "meta.pt", weights_only=False)
-    assert (meta["global_step"], meta["epoch"]) == (6, 1)
 
 
 def test_ddp_inside_a_multirun_runs_each_job_once_in_its_folder(tmp_path):

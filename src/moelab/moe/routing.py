@@ -36,14 +36,22 @@ class RoutingContext:
         return RoutingContext(num_sequences, seq_len, ids)
 
 
-# Token-choice plans move rows by gathers (`Routing.row_TK`). False sends every plan through
-# the generic index + scatter-add path; the benchmarks flip it to compare the two.
-GATHER_ROWS = True
+# How token-choice plans move rows. None (auto): by gathers (`Routing.row_TK`, no atomics)
+# on accelerators, and by the generic index + index_add path on the CPU, where index_add is
+# a plain loop over rows and measured faster (docs/benchmarks.md). True / False force one
+# path everywhere; the benchmarks flip it to compare the two.
+GATHER_ROWS: bool | None = None
+
+
+def _gathers(x: Tensor) -> bool:
+    return x.device.type != "cpu" if GATHER_ROWS is None else GATHER_ROWS
 
 
 class _GatherRows(torch.autograd.Function):
     """out_MD = source_RD[index_M], whose backward is a gather as well.
 
+    Rows move by `index_select`, which copies whole rows (on CPU 9x faster than
+    `source_RD[index_M]`, which indexes element by element).
     Autograd's backward of an index is a scatter-add (atomics, or a sort on CUDA). Here the
     caller knows, for every source row r, the output rows copied from it: `back_RJ[r]`
     (J of them at most; the value M marks "none" when `missing` is set). The gradient of
@@ -54,15 +62,16 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, source_RD: Tensor, index_M: Tensor, back_RJ: Tensor, missing: bool) -> Tensor:
         ctx.save_for_backward(back_RJ)
         ctx.missing = missing
-        return source_RD[index_M]
+        return source_RD.index_select(0, index_M)
 
     @staticmethod
     def backward(ctx, grad_MD: Tensor):
         (back_RJ,) = ctx.saved_tensors
         if ctx.missing:
             grad_MD = torch.cat([grad_MD, grad_MD.new_zeros(1, grad_MD.shape[1])])
-        grad_RJD = grad_MD[back_RJ]
-        return grad_RJD.sum(1) if back_RJ.shape[1] > 1 else grad_RJD.squeeze(1), None, None, None
+        rows, choices = back_RJ.shape
+        grad_RJD = grad_MD.index_select(0, back_RJ.reshape(-1)).view(rows, choices, -1)
+        return grad_RJD.sum(1) if choices > 1 else grad_RJD.squeeze(1), None, None, None
 
 
 @dataclass
@@ -120,8 +129,8 @@ class Routing:
 
     def dispatch(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         """Tokens grouped by expert, (N, D), and the rows per expert, (E,). Local, no comms."""
-        if self.row_TK is None or not GATHER_ROWS:
-            return x_TD[self.token_index_N], self.group_sizes_E
+        if self.row_TK is None or not _gathers(x_TD):
+            return x_TD.index_select(0, self.token_index_N), self.group_sizes_E
         # Backward: each token's gradient is the sum of its k rows' gradients, gathered.
         return _GatherRows.apply(x_TD, self.token_index_N, self.row_TK, self.kept_TK is not None), self.group_sizes_E
 
@@ -132,7 +141,7 @@ class Routing:
         (the sum accumulates in fp32 and rounds once).
         Other plans (expert choice: any number of rows per token) scatter-add in fp32.
         """
-        if self.row_TK is None or not GATHER_ROWS:
+        if self.row_TK is None or not _gathers(y_ND):
             weighted_ND = y_ND.float() * self.combine_weight_N.unsqueeze(-1).float()
             out_TD = weighted_ND.new_zeros(self.num_tokens, y_ND.shape[-1])
             return out_TD.index_add(0, self.token_index_N, weighted_ND).to(y_ND.dtype)
@@ -148,9 +157,9 @@ class Routing:
         choice_N = torch.full((rows + 1,), choices, dtype=torch.long, device=y_ND.device)
         choice_N = choice_N.scatter(0, self.row_TK.reshape(-1), torch.arange(choices, device=y_ND.device))[:rows]
         y_TKD = _GatherRows.apply(y_ND, row_TK.reshape(-1), choice_N.unsqueeze(1), self.valid_N is not None)
+        y_TKD = y_TKD.reshape(num_tokens, top_k, -1)  # reshape: its backward may get an expanded gradient
         # An elementwise product and a sum over k (fp32 accumulation inside the sum): a batched
         # matmul here is T products of (1, k) x (k, D), which cuBLAS runs as slow gemv kernels.
-        y_TKD = y_TKD.reshape(num_tokens, top_k, -1)  # reshape: its backward may get an expanded gradient
         return (y_TKD * weight_TK.to(y_ND.dtype).unsqueeze(-1)).sum(1)
 
     def expert_index_N(self) -> Tensor:
