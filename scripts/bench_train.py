@@ -16,6 +16,8 @@ none (no MFU).
                            against row gathers, the GPU default; the CPU default is this path)
     --profile              prints the MoE run's top kernels over 3 batches after the warm-up
     --compile              compiles each transformer block (torch.compile per block, as torchtitan does)
+    --compare-compile      eager vs compiled step time of the MoE model and its dense twin, for
+                           each experiment of --experiment (e.g. vit_digits,lm_pystdlib)
     --random-tokens DIR    trains on uniformly random token ids written to DIR (data=tokens), for
                            a machine without the dataset: throughput only, the loss means nothing
 """
@@ -106,17 +108,34 @@ def measure(experiment: str, steps: int, warmup: int, extra: list[str], compile_
     timer = StepTimer(warmup, profile)
     trainer.callbacks.append(timer)
     trainer.fit(task, datamodule=datamodule)
-    model = task.model
-    seq_len = cfg.data.seq_len
-    active = active_non_embedding_parameters(model)
+    step_ms = 1000 * sum(timer.times) / len(timer.times)
+    seq_len = cfg.data.get("seq_len")
+    if seq_len is None:  # not a language model: step time only
+        return {"step_ms": step_ms}
+    active = active_non_embedding_parameters(task.model)
     flops_per_token = 6 * active + 6 * cfg.model.depth * seq_len * cfg.model.d_model
     tokens_per_s = timer.tokens / sum(timer.times)
-    return {"tokens_per_s": tokens_per_s, "flops_per_s": tokens_per_s * flops_per_token, "active": active}
+    return {"tokens_per_s": tokens_per_s, "flops_per_s": tokens_per_s * flops_per_token, "active": active,
+            "step_ms": step_ms}
+
+
+def compare_compile(experiments: list[str], steps: int, warmup: int, overrides: list[str]) -> None:
+    """Eager vs compiled-per-block step time of each experiment's MoE model and dense twin."""
+    print("| experiment | model | eager ms/step | compiled ms/step | compiled speed / eager |")
+    print("|---|---|---|---|---|")
+    for experiment in experiments:
+        for name, extra in (("MoE", []), ("dense twin", ["model.moe_every=0"])):
+            eager = measure(experiment, steps, warmup, [*overrides, *extra])
+            compiled = measure(experiment, steps, warmup, [*overrides, *extra], compile_blocks=True)
+            print(f"| {experiment} | {name} | {eager['step_ms']:.1f} | {compiled['step_ms']:.1f} | "
+                  f"{eager['step_ms'] / compiled['step_ms']:.2f} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experiment", default="lm_small_gpu")
+    parser.add_argument("--experiment", default="lm_small_gpu", help="one, or several joined by commas (--compare-compile)")
+    parser.add_argument("--compare-compile", action="store_true",
+                        help="eager vs compiled step time, MoE and dense twin, of each --experiment")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--peak-tflops", type=float, default=None)
@@ -137,6 +156,11 @@ def main() -> None:
         overrides = ["data=tokens", f"data.path={args.random_tokens.resolve()}", *overrides]
     if args.scatter:
         routing.GATHER_ROWS = False
+    if args.compare_compile:
+        print(f"device: {device}, torch {torch.__version__}, eager vs compiled per block, {args.steps} timed steps "
+              f"after {args.warmup} (the compile happens in the warm-up)")
+        compare_compile(args.experiment.split(","), args.steps, args.warmup, overrides)
+        return
     mode = ("compiled per block" if args.compile else "eager") + (", scatter path" if args.scatter else "")
     print(f"device: {device}, torch {torch.__version__}, experiment={args.experiment}, {mode}, {args.steps} timed steps")
     print("| model | active params | tokens/s | TFLOP/s | MFU | vs dense tokens/s |")
