@@ -399,8 +399,7 @@ def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
     run_state.lr = task.hparams.get("lr")
     run_state.last = next((cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
     config = _plain_config(cfg)
-    if run_state.last is not None:
-        run_state.last.config = config
+    task.run_config = config  # every checkpoint of the run carries it (moelab.load, eval.py)
     if trainer.is_global_zero:
         log.info("Run folder: %s", run_state.output_dir)
 

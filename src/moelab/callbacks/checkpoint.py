@@ -85,14 +85,13 @@ class LastCheckpoint(Checkpoint):
 
     Never with non-finite weights, never after a divergence (`moelab.runs.Diverged`), and
     atomically (written beside, then renamed over the old one). The checkpoint carries the
-    global random streams of every rank, restored on resume, and `config` (the composed run
-    config, set by `moelab.train`) under the checkpoint key `moelab_config`.
+    global random streams of every rank, restored on resume (and, like every checkpoint of a
+    moelab run, the composed run config: MoETask.on_save_checkpoint).
     """
 
     def __init__(self, dirpath: str, filename: str = "last.ckpt") -> None:
         super().__init__()
         self.dirpath, self.filename = Path(dirpath), filename
-        self.config: dict[str, Any] | None = None
         self.last_path: Path | None = None  # what this run wrote, for messages
         self.saved_step: int | None = None
         self.signal: int | None = None  # the signal that stopped (or is stopping) the fit
@@ -134,8 +133,6 @@ class LastCheckpoint(Checkpoint):
         set_rng_state(states[rank])
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.config is not None:
-            checkpoint["moelab_config"] = self.config
         if self._rewind:
             # Lightning, resuming, counts the interrupted batch's logging step as taken (it
             # expects checkpoints written after a step); this one was written before it.

@@ -147,6 +147,23 @@ class ExpertSpecialisation(L.Callback):
         # Every rank measures its share of the validation set; the tables are summed over ranks at the end.
         self._active = not trainer.sanity_checking and self._due(trainer)
 
+    # eval.py sets `on_test`: the tables of the test loop's data too (always measured).
+    on_test = False
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.on_test:
+            self._reset()
+            self._names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
+            self._active = True
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.on_test:
+            self.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.on_test:
+            self.on_validation_epoch_end(trainer, pl_module)
+
     # ---- measure -----------------------------------------------------------------------
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self._active:

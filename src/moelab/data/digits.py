@@ -89,10 +89,26 @@ class DigitsDataModule(ResumableDataModule):
         }
         mean = split_images["train"].mean()
         std = split_images["train"].std()
+        self.pixel_mean, self.pixel_std = float(mean), float(std)
         self.splits = {
             name: TensorDataset((split_images[name] - mean) / std, labels[idx].repeat(copies))
             for name, idx in index.items()
         }
+
+    def eval_transform(self):
+        """New images (PIL) as the splits hold theirs: grayscale, 8x8, ink bright, scaled to
+        0..1 (load_digits() / 16) and standardised by the training split's mean and std."""
+        from PIL import Image
+
+        self.setup()
+        mean, std = self.pixel_mean, self.pixel_std
+
+        def transform(image: "Image.Image") -> torch.Tensor:
+            small = image.convert("L").resize((self.image_size, self.image_size), Image.BILINEAR)
+            pixels = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8).float() / 255.0
+            return ((pixels.view(1, self.image_size, self.image_size) - mean) / std)
+
+        return transform
 
     def _corrupt(self, images_N1HW: torch.Tensor, split_number: int) -> torch.Tensor:
         """Shift, erase and add noise to one split's images (module docstring)."""

@@ -204,10 +204,12 @@ class MoELM(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         max_context: int | None = None,
+        on_token: Callable[[Tensor], None] | None = None,
     ) -> Tensor:
         """Sample `max_new_tokens` continuations (no KV cache: each step re-runs the context,
         cropped to `max_context` tokens). Sampling draws from `generator` (on the CPU), so a
-        fixed generator gives a fixed continuation."""
+        fixed generator gives a fixed continuation. `on_token(next_B)` is called after each
+        step, while the MoE layers' `last_plan` still describe that step's forward."""
         tokens = prompt_BL
         for _ in range(max_new_tokens):
             context = tokens if max_context is None else tokens[:, -max_context:]
@@ -221,6 +223,8 @@ class MoELM(nn.Module):
                     logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
                 next_B1 = torch.multinomial(logits_BV.softmax(-1), 1, generator=generator)
             tokens = torch.cat((tokens, next_B1.to(tokens.device)), dim=1)
+            if on_token is not None:
+                on_token(next_B1[:, 0])
         return tokens
 
     def num_parameters(self, active: bool = False) -> int:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelab.checkpoints import CONFIG_KEY
 from moelab.moe.errors import ConfigError
 from moelab.moe.layer import after_optimizer_step, collect_aux_losses, moe_layers
 from moelab.parallel.fsdp_ep import clip_grads_, parallelize, sharded_grad_norm
@@ -55,6 +56,14 @@ class MoETask(L.LightningModule):
             self.model._moelab_compiled = True
 
     _compile_backend: str | None = None
+
+    run_config: dict[str, Any] | None = None
+    """The run's composed config (set by moelab.train): every checkpoint carries it under
+    `moelab_config`, so `moelab.load`, `eval.py` and the task loader rebuild the model."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint[CONFIG_KEY] = self.run_config
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
