@@ -1,0 +1,27 @@
+"""Export a trained moelab LM as a Hugging Face model: `python scripts/export_hf.py <checkpoint> <out_dir>`.
+
+Writes `save_pretrained` layout (config.json + model.safetensors) of `Qwen2MoeForCausalLM`,
+loadable with `transformers.AutoModelForCausalLM.from_pretrained(out_dir)`; settings with
+no Hugging Face equivalent are refused in one line (see moelab.hf_export). Needs the
+`export` extra (transformers >= 5)."""
+
+import argparse
+import sys
+
+from moelab.cli import one_line_errors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a moelab LM checkpoint: last.ckpt, best-*.ckpt or a sharded folder")
+    parser.add_argument("out_dir", help="the folder to write")
+    args = parser.parse_args()
+    with one_line_errors():
+        from moelab.hf_export import export
+
+        out = export(args.checkpoint, args.out_dir)
+    print(f"wrote {out} (Qwen2MoeForCausalLM): transformers.AutoModelForCausalLM.from_pretrained('{out}')")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
