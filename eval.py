@@ -18,7 +18,7 @@ RUN_OVERRIDES: list[str] = []
 def main(cfg: DictConfig) -> None:
     from moelab.evaluate import evaluate
 
-    with one_line_errors():
+    with one_line_errors(run_folder=cfg.paths.output_dir):
         evaluate(cfg, RUN_OVERRIDES)
 
 

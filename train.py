@@ -1,9 +1,12 @@
 """Train a MoE model: `python train.py [group=option ...] [key=value ...]` (Hydra)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import moelab.sweep  # noqa: F401 - registers ${moelab.run_version:} before Hydra resolves anything (light: no torch)
+from moelab.cli import check_plugins
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -14,4 +17,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_plugins(sys.argv[1:])
     main()

@@ -46,7 +46,7 @@ LM_EPOCHS = lambda epochs: [*LM[:-1], f"trainer.max_epochs={epochs}"]  # noqa: E
 COPIES = ["model.expert_hidden=dense"]
 # 8×8 digits as 64 patches of one pixel: four times the default ViT's 16 tokens per image.
 PATCH1 = ["model.patch_size=1"]
-QUICK = ["trainer=debug", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+QUICK = ["debug=default", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
          "trainer.limit_test_batches=1", "trainer.log_every_n_steps=1"]
 QUICK_LM = ["data.seq_len=32", "data.batch_size=4", "data.max_bytes=200000", "model.d_model=32", "model.ffn_hidden=64",
             "model.depth=2", "model.num_heads=2", "task.sample_tokens=4"]

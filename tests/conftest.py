@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 # A few CPU steps through every stage: the default ViT, and a tiny byte-level LM.
-VIT_FAST = ["trainer=debug", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+VIT_FAST = ["debug=default", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
             "trainer.limit_test_batches=1", "callbacks.progress=null"]
 LM_FAST = [*VIT_FAST, "experiment=lm_pystdlib", "data.seq_len=32", "data.batch_size=4", "data.max_bytes=200000",
            "model.d_model=32", "model.ffn_hidden=64", "model.depth=2", "model.num_heads=2", "task.sample_tokens=0"]

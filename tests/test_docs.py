@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 
 from moelab.moe.losses import AUX_LOSSES
 
@@ -42,3 +43,20 @@ def test_equations_doc_covers_every_router_expert_and_loss():
 def test_docs_link_the_equations_doc():
     for doc in ("README.md", "docs/routers.md"):
         assert "docs/equations.md" in (ROOT / doc).read_text() or "equations.md" in (ROOT / doc).read_text(), doc
+
+
+def test_the_readme_config_table_is_current():
+    """scripts/config_table.py --check: the README lists every option of conf/ with its file's own first sentence."""
+    result = subprocess.run([sys.executable, "scripts/config_table.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_layout_section_names_paths_that_exist_and_every_package():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    named = [line.split()[0].rstrip(",") for line in layout.splitlines() if line.strip() and not line.startswith(" ")]
+    missing = [name for name in named if not (ROOT / name).exists()]
+    assert missing == [], missing
+    packages = sorted(p.relative_to(ROOT).as_posix() + "/" for p in (ROOT / "src" / "moelab").iterdir()
+                      if p.is_dir() and (p / "__init__.py").exists())
+    assert [p for p in packages if p not in named] == []

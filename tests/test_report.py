@@ -41,7 +41,7 @@ def table_row(report: str, experts: str) -> list[str]:
 
 def test_the_multirun_writes_a_report_grouped_over_seeds(sweep):
     report = (sweep / "report.md").read_text()  # written by SweepSummary at the end of the multirun
-    assert "4 jobs in 2 groups" in report and "Shared overrides: `trainer=debug`" in report
+    assert "4 jobs in 2 groups" in report and "Shared overrides: `debug=default`" in report
     assert table_header(report)[:2] == ["experts", "seeds"]  # only what differs between groups
     header = table_header(report)
     column = header.index("val/acc")

@@ -22,12 +22,12 @@ from .test_train import train_cli
 
 # 2 epochs of 6 steps; noisy top-k and expert dropout draw from the global RNG every step.
 VIT = (
-    "trainer=debug", "trainer.max_epochs=2", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
+    "debug=default", "trainer.max_epochs=2", "trainer.limit_train_batches=6", "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2", "data.batch_size=32", "router=noisy_topk", "expert.dropout=0.1",
     "callbacks.progress=null",
 )
 LM = (
-    "experiment=lm_pystdlib", "trainer=debug", "trainer.max_epochs=2", "data.train_steps_per_epoch=4",
+    "experiment=lm_pystdlib", "debug=default", "trainer.max_epochs=2", "data.train_steps_per_epoch=4",
     "trainer.limit_train_batches=null", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
     "data.max_bytes=200000", "data.seq_len=32", "data.batch_size=4", "model.d_model=32", "model.ffn_hidden=64",
     "model.depth=2", "model.num_heads=2", "model.dropout=0.1", "task.sample_tokens=8", "callbacks.progress=null",

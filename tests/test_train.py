@@ -19,7 +19,7 @@ from moelab.train import run
 
 from .conftest import ROOT, compose_config
 
-FAST = ("trainer=debug", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
+FAST = ("debug=default", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
 
 
 def train_cli(
@@ -62,14 +62,54 @@ def test_cli_run_writes_metrics_config_checkpoint_and_histograms(tmp_path):
     # Throughput is a machine reading: TensorBoard only (no train/mfu on a CPU).
     assert "train/images_per_s" not in metrics and "train/mfu" not in events.Tags()["scalars"]
     assert all(e.value > 0 for e in events.Scalars("train/images_per_s"))
+    # Readable: the config tree first, one summary line last, the MoE settings as hparams.
+    assert result.stdout.lstrip().startswith("config") and "router: topk (TopKRouter)" in result.stdout
+    summary = [line for line in result.stdout.splitlines() if line.startswith("moelab: done")]
+    assert len(summary) == 1 and f"metrics {run_dir / 'metrics.json'}" in summary[0]
+    assert f"last {run_dir / 'checkpoints' / 'last.ckpt'}" in summary[0] and "test/acc" in summary[0]
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["router"].string_value == "topk" and start.hparams["experts"].number_value == 8
+    assert start.hparams["k"].number_value == 2 and start.hparams["loss/balance"].number_value == 0.01
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["val/acc", "val/loss", "test/acc", "test/loss"]
 
 
-def test_bad_config_is_one_line_without_traceback(tmp_path):
+def test_bad_config_is_one_line_without_traceback_or_run_folder(tmp_path):
     result = train_cli(tmp_path / "run", *FAST, "router.k=9")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last == "moelab: error: router.k=9 must be between 1 and experts=8: lower router.k or raise experts"
+    assert not (tmp_path / "run").exists()  # refused before training: nothing to keep
+
+
+def test_help_shows_moelabs_usage_first_and_a_missing_plugin_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("moelab: train Mixture-of-Experts models") and lines[2].startswith("Usage: python train.py")
+    assert result.stdout.index("Examples:") < result.stdout.index("== Config groups ==") < result.stdout.index("== Config (the defaults")
+    from moelab.cli import check_plugins
+
+    with pytest.raises(SystemExit) as refused:
+        check_plugins(["hparams_search=optuna"], find_spec=lambda name: None)
+    assert refused.value.code == 1
+
+
+def test_debug_wins_over_experiment_and_runs_are_named_by_what_sets_them_apart(make_cfg):
+    cfg = make_cfg("experiment=lm_pystdlib", "debug=default")
+    assert (cfg.trainer.max_epochs, cfg.trainer.log_every_n_steps, cfg.trainer.limit_train_batches) == (1, 1, 4)
+    assert cfg.trainer.accelerator == "cpu" and cfg.model._target_.endswith("MoELM")  # the experiment still applies
+    from moelab.sweep import run_name, shared_override_keys
+
+    shared = shared_override_keys(["-m", "router=topk,switch", "experts=range(4,9,4)", "debug=default", "seed=0",
+                                   "hydra.sweep.dir=x"])
+    assert shared == {"debug", "seed"}
+    assert run_name(["seed=0", "router=switch", "experts=8", "debug=default"], shared) == "experts=8,router=switch"
+    assert run_name(["init_from=/a/b.ckpt", "ckpt_path=/c/last.ckpt"]) == "init_from=_a_b.ckpt"  # no folder levels
 
 
 @pytest.mark.parametrize(
@@ -89,7 +129,7 @@ def test_bad_config_is_one_line_without_traceback(tmp_path):
         ("loss.balance=-1", "loss.balance=-1 is negative, which rewards what the balance loss penalises"),
         ("loss.zloss=abc", "loss.zloss=abc must be a number"),
         ("trainer=fsdp +trainer.gradient_clip_algorithm=value", "trainer=fsdp/fsdp_ep clip gradients by norm only"),
-        pytest.param("trainer=ddp8", "but this machine has no GPU: run on the CPU with trainer.accelerator=cpu "
+        pytest.param("trainer=ddp8 trainer.accelerator=gpu trainer.devices=8", "but this machine has no GPU: run on the CPU with trainer.accelerator=cpu "
                      "trainer.devices=8", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine")),
     ],
 )

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sys
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,10 +30,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import InterpolationResolutionError
 
 from moelab.callbacks.checkpoint import LastCheckpoint
+from moelab.cli import remove_unused_run_folder
 from moelab.checkpoints import check_resumable, start_from_weights
 from moelab import resolvers  # noqa: F401 - registers ${moelab.image_classes:} and ${moelab.patch_size:}
 from moelab.moe.errors import ConfigError, check_num_experts
 from moelab.runs import DIVERGED, ERROR, INTERRUPTED, METRICS_FILE, OK, Diverged, write_record
+from moelab.summary import print_config_tree, run_hparams, summary_line
 from moelab.sweep import run_version  # noqa: F401 - registers ${moelab.run_version:} for the logger config
 
 log = logging.getLogger(__name__)
@@ -223,6 +226,8 @@ class _Run:
     last: LastCheckpoint | None = None
     ckpt_path: str | None = None
     lr: float | None = None
+    started: float = 0.0
+    fit_started: bool = False
 
     def metrics(self) -> dict[str, Any]:
         if self.trainer is None:
@@ -273,7 +278,7 @@ def run(cfg: DictConfig) -> float | None:
     logged and the next job runs). `MOELAB_DEBUG=1` or `hydra.verbose=true` shows the
     traceback of every error.
     """
-    run_state = _Run()
+    run_state = _Run(started=time.monotonic())
     try:
         run_state.output_dir = Path(cfg.paths.output_dir)
         check_config(cfg)
@@ -333,9 +338,13 @@ def _report(exc: BaseException, run_state: _Run) -> None:
             log.exception("moelab: this job failed; the sweep goes on")
             return None
         raise exc
-    _write_record(run_state, status, reason)
     if debug_requested():
+        _write_record(run_state, status, reason)
         raise exc
+    # A single run refused before training leaves no folder behind (a multirun keeps the
+    # job's record for its summary).
+    if status != ERROR or run_state.fit_started or run_state.output_dir is None or not remove_unused_run_folder(run_state.output_dir):
+        _write_record(run_state, status, reason)
     if in_multirun():
         log.error(f"moelab: error: {reason}")
         return None
@@ -394,12 +403,16 @@ def _plain_config(cfg: DictConfig) -> dict[str, Any]:
 
 def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    config = _plain_config(cfg)
+    choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    if HydraConfig.initialized():
+        rank_zero_only(print_config_tree)(config, choices)
     datamodule, task, trainer = build(cfg)
     run_state.trainer = trainer
     run_state.lr = task.hparams.get("lr")
     run_state.last = next((cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
-    config = _plain_config(cfg)
     task.run_config = config  # every checkpoint of the run carries it (moelab.load, eval.py)
+    task.run_hparams = run_hparams(config, choices)
     if trainer.is_global_zero:
         log.info("Run folder: %s", run_state.output_dir)
 
@@ -424,6 +437,7 @@ def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
 
         task.attach_teacher(load_model(str(cfg.teacher)))
     # weights_only=True always, URLs included (Lightning would unpickle those in full).
+    run_state.fit_started = True
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if run_state.last is not None and run_state.last.signal is not None:
         raise SIGTERMException()  # a signal during the last validation: saved at the end, no test
@@ -432,6 +446,11 @@ def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
         for result in trainer.test(task, datamodule=datamodule, verbose=False):
             metrics.update({name: float(value) for name, value in result.items()})
     _write_record(run_state, OK, None, metrics)
+    if trainer.is_global_zero:
+        best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "best_model_path", "")), None)
+        last = str(run_state.last.last_path) if run_state.last is not None and run_state.last.last_path else None
+        line = summary_line(metrics, best, last, str(run_state.output_dir / METRICS_FILE), time.monotonic() - run_state.started)
+        print(line, flush=True)
 
     name = cfg.get("optimized_metric")
     if not name:

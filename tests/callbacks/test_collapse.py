@@ -27,7 +27,7 @@ def force_collapse_onto_expert_0(vit) -> None:
 
 def test_forced_collapse_raises_the_alarm_logs_the_flag_and_stops(tmp_path):
     cfg = compose_config(
-        tmp_path, "trainer=debug", "data.batch_size=16", "loss=none", "router.k=1", "router.normalize=false",
+        tmp_path, "debug=default", "data.batch_size=16", "loss=none", "router.k=1", "router.normalize=false",
         "callbacks.progress=null", "callbacks.collapse_alarm.patience=2", "callbacks.collapse_alarm.stop_on_collapse=true",
     )
     datamodule, task, trainer = build(cfg)
@@ -57,7 +57,7 @@ def test_bad_alarm_settings_are_config_errors(kwargs, message):
 
 
 def test_alarm_state_survives_a_checkpoint_and_ignores_non_finite_steps(tmp_path):
-    cfg = compose_config(tmp_path, "trainer=debug", "data.batch_size=16", "callbacks.progress=null")
+    cfg = compose_config(tmp_path, "debug=default", "data.batch_size=16", "callbacks.progress=null")
     _, task, trainer = build(cfg)
     alarm = ExpertCollapseAlarm(patience=3)
     alarm._streak = {1: torch.tensor([0, 2, 1])}

@@ -31,7 +31,7 @@ BATCH, PATCHES, EXPERTS, K, STEPS, MOE_LAYERS = 16, 16, 8, 2, 4, (1, 3)
 def vit_events(tmp_path_factory):
     """One debug run of the default ViT (top-2, dropless, default callbacks): 4 steps, 2 val batches."""
     out = tmp_path_factory.mktemp("vit")
-    cfg = compose_config(out, "trainer=debug", f"data.batch_size={BATCH}", "callbacks.progress=null", "test=false")
+    cfg = compose_config(out, "debug=default", f"data.batch_size={BATCH}", "callbacks.progress=null", "test=false")
     run(cfg)
     return load_events(out / "tensorboard")
 

@@ -123,7 +123,7 @@ def test_the_language_task_fits_the_mask_from_the_training_split(tmp_path):
 
 
 def test_images_have_no_token_ids_for_a_mask(tmp_path):
-    line = one_line_error(compose_config(tmp_path, "trainer=debug", "router.token_mask=frequency"))
+    line = one_line_error(compose_config(tmp_path, "debug=default", "router.token_mask=frequency"))
     assert "router.token_mask masks experts per token id: use it with the language model" in line
 
 

@@ -16,7 +16,7 @@ from ..conftest import compose_config
 
 TINY = (
     "experiment=lm_pystdlib",
-    "trainer=debug",
+    "debug=default",
     "trainer.max_epochs=1",
     "trainer.log_every_n_steps=1",
     "trainer.limit_train_batches=3",

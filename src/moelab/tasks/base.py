@@ -61,6 +61,30 @@ class MoETask(L.LightningModule):
     """The run's composed config (set by moelab.train): every checkpoint carries it under
     `moelab_config`, so `moelab.load`, `eval.py` and the task loader rebuild the model."""
 
+    run_hparams: dict[str, Any] | None = None
+    """Settings that tell runs apart (moelab.summary.run_hparams, set by moelab.train): logged
+    with the task's hyperparameters, so TensorBoard's HPARAMS dashboard compares runs by them."""
+
+    # The metrics TensorBoard's HPARAMS dashboard shows next to them (subclasses name theirs).
+    hparams_metrics: tuple[str, ...] = ("val/loss", "test/loss")
+
+    def log_hparams_summary(self) -> None:
+        """The task's hyperparameters and `run_hparams` as a TensorBoard hparams summary with
+        `hparams_metrics` as its metrics (Lightning writes one only when given metric values,
+        which it would also log as scalars at step 0)."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+        from torch.utils.tensorboard.summary import hparams
+
+        if not self.trainer.is_global_zero:
+            return
+        params = {**dict(self.hparams), **(self.run_hparams or {})}
+        params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                writer = logger.experiment._get_file_writer()
+                for summary in hparams(params, {name: 0.0 for name in self.hparams_metrics}):
+                    writer.add_summary(summary)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint[CONFIG_KEY] = self.run_config
@@ -125,6 +149,7 @@ class MoETask(L.LightningModule):
         self.distill_weight, self.distill_temperature = float(weight), float(temperature)
 
     def on_fit_start(self) -> None:
+        self.log_hparams_summary()
         if self.teacher is not None:
             self.teacher.to(self.device)
 

@@ -32,6 +32,8 @@ class LanguageModeling(MoETask):
     drawn with a generator seeded by `sample_seed` (the same text for the same weights).
     """
 
+    hparams_metrics = ("val/bpb", "val/loss", "test/bpb", "test/loss")
+
     def __init__(
         self,
         model: nn.Module,

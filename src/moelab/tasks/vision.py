@@ -17,6 +17,8 @@ class ImageClassification(MoETask):
     soft targets (B, classes), as Mixup/CutMix make them: the loss is then the soft-target
     cross-entropy and train/acc counts the dominant class."""
 
+    hparams_metrics = ("val/acc", "val/loss", "test/acc", "test/loss")
+
     def __init__(
         self,
         model: nn.Module,
