@@ -51,6 +51,7 @@ def test_transformers_loads_the_export_with_moelabs_logits(tmp_path, overrides):
     (("expert=mlp", "model.moe_every=1"), "only bias-free SwiGLU experts"),
     (("expert=mlp",), "dense FFN is gelu"),
     (("router.score=sigmoid",), "only router=topk \\(softmax\\)"),
+    (("model.attention=moa",), "mixture of attention heads"),
 ])
 def test_settings_without_an_hf_equivalent_are_refused_in_one_line(tmp_path, overrides, reason):
     checkpoint, _ = random_checkpoint(tmp_path, *overrides)

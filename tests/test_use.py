@@ -101,9 +101,9 @@ def test_generate_cli_takes_the_prompt_verbatim_and_refuses_a_vision_model(train
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("def  f(x ") and "layer 1:" in result.stderr
     assert not (ROOT / ".hydra").exists()  # no run folder in the working directory
-    refused = cli("generate.py", f"ckpt_path={trained_vit / 'checkpoints' / 'last.ckpt'}")
-    assert refused.returncode == 1
-    assert refused.stderr.strip().splitlines()[-1].startswith("moelab: error: ckpt_path=") and "Traceback" not in refused.stderr
+    with pytest.raises(ConfigError, match="holds a MoEViT, not a language model"):
+        main_generate({"ckpt_path": str(trained_vit / "checkpoints" / "last.ckpt"), "max_new_tokens": 1,
+                       "temperature": 0.0}, "def ", io.StringIO())
 
 
 def test_predict_classifies_a_folder_of_pngs_like_the_model_on_the_dataset(tmp_path, trained_vit):

@@ -13,7 +13,6 @@ from torch import nn
 
 from moelab.data.tokenization import Tokenizer, make_tokenizer
 from moelab.moe.errors import ConfigError
-from moelab.moe.layer import moe_layers
 
 
 def tokenizer_of(config: Mapping[str, Any]) -> Tokenizer:
@@ -39,7 +38,9 @@ class ExpertTally:
     step, the newest position's row of each layer's plan (`expert_share_TE`)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = [(layer.layer_index, layer) for layer in moe_layers(model)]
+        from moelab.callbacks.common import indexed_moe_layers  # FFN layers and attention mixtures (`1/attn`)
+
+        self.layers = indexed_moe_layers(model)
         self.counts = {index: torch.zeros(layer.num_experts, dtype=torch.float64) for index, layer in self.layers}
         self.tokens = 0
 

@@ -57,6 +57,9 @@ def _check_exportable(model: nn.Module) -> None:
     if not isinstance(model, MoELM):
         raise ConfigError(f"only language models export to Hugging Face; this checkpoint holds a {type(model).__name__}")
     for index, block in enumerate(model.blocks):
+        if not hasattr(block.attn, "qkv"):
+            raise ConfigError(f"block {index}'s attention is a mixture of attention heads (model.attention=moa): "
+                              "Hugging Face's MoE models have standard attention")
         ffn = block.ffn
         if isinstance(ffn, DenseFFN):
             if ffn.activation != "swiglu" or ffn.b1_H is not None:

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from moelab.moe.errors import ConfigError
-from moelab.moe.layer import moe_layers
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
@@ -47,13 +46,15 @@ def load_images(files: list[Path], transform: Callable, channels: int = 3) -> Te
 def experts_per_image(model: nn.Module, num_images: int) -> dict[int, Tensor]:
     """Per MoE layer, (N, E): the share of each image's tokens each expert processed, from the
     plans of the forward just run."""
+    from moelab.callbacks.common import indexed_moe_layers  # FFN layers and attention mixtures (`1/attn`)
+
     shares = {}
-    for layer in moe_layers(model):
+    for index, layer in indexed_moe_layers(model):
         if layer.last_plan is None:
             continue
         share_TE = layer.last_plan.expert_share_TE().float().cpu()
         share_NE = share_TE.reshape(num_images, -1, share_TE.shape[-1]).sum(1)
-        shares[layer.layer_index] = share_NE / share_NE.sum(-1, keepdim=True).clamp_min(1e-12)
+        shares[index] = share_NE / share_NE.sum(-1, keepdim=True).clamp_min(1e-12)
     return shares
 
 

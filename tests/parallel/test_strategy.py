@@ -102,22 +102,28 @@ def test_upcycling_distillation_freezing_and_merging_read_and_write_sharded_chec
     assert f"init_from={merged} experts=2 model.expert_hidden=128" in result.stdout
 
 
-def test_maskmoe_under_fsdp_ep_keeps_the_one_process_mask(tmp_path):
+def test_maskmoe_and_attention_heads_under_fsdp_ep_keep_the_one_process_masks(tmp_path):
+    # MoA's heads stay whole on every rank (FSDP shards them like dense weights; ep splits the FFN experts only).
     lm = ("experiment=lm_pystdlib", "data.seq_len=32", "data.batch_size=4", "data.max_bytes=200000", "model.d_model=32",
-          "model.ffn_hidden=64", "model.depth=2", "model.num_heads=2", "task.sample_tokens=0", "router.token_mask=frequency")
+          "model.ffn_hidden=64", "model.depth=2", "model.num_heads=2", "task.sample_tokens=0", "router.token_mask=frequency",
+          "model.attention=moa")
     result = train_cli(tmp_path / "run", *lm, "trainer=fsdp_ep", "ep=2", "trainer.devices=2", "trainer.max_epochs=1",
                        "test=false", *LIMITS)
     assert result.returncode == 0, result.stderr[-3000:]
     saved, _ = read_model_state(str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "x")
+    assert saved["blocks.0.attn.experts.w_q_EDH"].shape[0] == 8
     cfg = compose_config(tmp_path / "single", *lm)
     model = model_of(cfg)
     data = instantiate(cfg.data)
     data.setup("fit")
     counts = torch.from_numpy(data.token_counts("train"))
+    masked = []
     for name, module in model.named_modules():
         if hasattr(module, "fit_token_mask"):
             module.fit_token_mask(counts)
             assert torch.equal(saved[f"{name}.allowed_VE"], module.allowed_VE), name
+            masked.append(name)
+    assert "blocks.0.attn.router" in masked and "blocks.1.ffn.router" in masked
 
 
 def test_two_ranks_log_the_statistics_of_one_process_on_the_concatenated_batch(tmp_path):

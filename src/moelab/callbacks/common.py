@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from moelab.moe.errors import ConfigError
-from moelab.moe.layer import MoELayer, moe_layers
+from moelab.moe.layer import MoELayer, routed_layers
 
 
 def check_every_n(name: str, value: int | None) -> int | None:
@@ -47,13 +47,22 @@ def log_scalars(trainer: L.Trainer, scalars: dict[str, float], step: int) -> Non
         logger.log_metrics(scalars, step=step)
 
 
-def indexed_moe_layers(module: nn.Module) -> list[tuple[int, MoELayer]]:
-    """(tag index, layer) for every MoE layer: the layer's own `layer_index` (its block
-    number) where set, else its position among the model's MoE layers."""
-    return [
-        (layer.layer_index if layer.layer_index is not None else position, layer)
-        for position, layer in enumerate(moe_layers(module))
-    ]
+def indexed_moe_layers(module: nn.Module) -> list[tuple[int | str, MoELayer]]:
+    """(tag index, layer) for every routed layer: the layer's own `layer_index` (its block
+    number) where set, else its position among the model's routed layers; a mixture of
+    attention heads adds its tag (`3/attn`: tags moe/layer3/attn/...)."""
+    indexed = []
+    for position, layer in enumerate(routed_layers(module)):
+        index = layer.layer_index if layer.layer_index is not None else position
+        tag = getattr(layer, "tag", None)
+        indexed.append((f"{index}/{tag}" if tag else index, layer))
+    return indexed
+
+
+def layer_order(index: int | str) -> tuple[int, str]:
+    """Sort key of tag indices: by block, a block's FFN (3) before its attention (3/attn)."""
+    head, _, tail = str(index).partition("/")
+    return (int(head) if head.isdigit() else 1 << 30, tail)
 
 
 def sum_over_ranks(tensor: Tensor, trainer: L.Trainer) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from moelab.callbacks.common import indexed_moe_layers, sum_over_ranks, tensorboard_writers
+from moelab.callbacks.common import indexed_moe_layers, layer_order, sum_over_ranks, tensorboard_writers
 from moelab.callbacks.heatmap import column_shares, render_heatmap
 from moelab.callbacks.tags import specialisation_tag
 from moelab.moe.errors import ConfigError
@@ -280,7 +280,7 @@ class ExpertSpecialisation(L.Callback):
         """Every table (and the token counts) summed over the ranks in one all-reduce. The
         tables have the same keys and shapes on every rank: rows are classes, positions or
         the vocabulary, which every rank knows."""
-        keys = sorted(self._counts)
+        keys = sorted(self._counts, key=lambda key: (layer_order(key[0]), key[1]))
         tensors = [self._counts[k] for k in keys]
         if self._token_counts_V is not None:
             tensors.append(self._token_counts_V)
@@ -294,7 +294,7 @@ class ExpertSpecialisation(L.Callback):
 
     def _render(self):
         """(tag, image or markdown) for every table measured this validation."""
-        for (index, table), counts_RE in sorted(self._counts.items()):
+        for (index, table), counts_RE in sorted(self._counts.items(), key=lambda item: (layer_order(item[0][0]), item[0][1])):
             counts_RE = counts_RE.double().cpu()
             experts = [str(e) for e in range(counts_RE.shape[1])]
             if table == "expert_class":

@@ -10,6 +10,7 @@ from torch import Tensor
 from moelab.callbacks.common import (
     check_every_n,
     indexed_moe_layers,
+    layer_order,
     is_logging_step,
     log_scalars,
     plan_sums,
@@ -132,7 +133,7 @@ class ExpertUtilisation(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.load_heatmap or trainer.sanity_checking:
             return
-        indices = sorted(self._val_counts)
+        indices = sorted(self._val_counts, key=layer_order)
         if indices:
             flat = sum_over_ranks(torch.cat([self._val_counts[i] for i in indices]), trainer).cpu()
             sizes = [len(self._val_counts[i]) for i in indices]
@@ -148,7 +149,7 @@ class ExpertUtilisation(L.Callback):
 def load_heatmap_image(counts_by_layer: dict[int, Tensor]):
     """Layer × expert image of tokens per expert ÷ the layer's mean (layers may differ in E:
     shorter rows are padded with 0)."""
-    indices = sorted(counts_by_layer)
+    indices = sorted(counts_by_layer, key=layer_order)
     num_experts = max(len(counts_by_layer[i]) for i in indices)
     load_LE = torch.zeros(len(indices), num_experts, dtype=torch.float64)
     for row, index in enumerate(indices):

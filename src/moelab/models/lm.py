@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.models.placement import expert_width, moe_layer_indices
+from moelab.moe.attention import MixtureOfAttention, apply_rope, rope_angles  # noqa: F401 - RoPE lives there
 from moelab.moe.errors import ConfigError
 from moelab.moe.experts import DenseFFN
 from moelab.moe.layer import MoELayer, active_parameters
@@ -30,26 +31,6 @@ class RMSNorm(nn.Module):
         x_float = x.float()
         normed = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.to(x.dtype) * self.weight
-
-
-def rope_angles(seq_len: int, head_dim: int, base: float = 10000.0, device=None) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotary angles m·θ_i, θ_i = base^(−2i/d) (Su et al. 2021, RoFormer, eq. 15),
-    each (L, head_dim/2) in fp32."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles_LH = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles_LH.cos(), angles_LH.sin()
-
-
-def apply_rope(x_BHLD: Tensor, cos_LH: Tensor, sin_LH: Tensor) -> Tensor:
-    """Rotate each pair (x_2i, x_2i+1) of every position m by the angle m·θ_i (Su et al. 2021, eq. 34).
-
-    Pairs are adjacent dimensions, as in the paper; q·k then depends on positions only
-    through their difference.
-    """
-    x_pairs = x_BHLD.float().unflatten(-1, (-1, 2))
-    x_even, x_odd = x_pairs[..., 0], x_pairs[..., 1]
-    rotated = torch.stack((x_even * cos_LH - x_odd * sin_LH, x_even * sin_LH + x_odd * cos_LH), dim=-1)
-    return rotated.flatten(-2).to(x_BHLD.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -77,18 +58,22 @@ class CausalSelfAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """x + Attn(RMSNorm(x)), then + FFN(RMSNorm(x)); the FFN is dense or a MoELayer."""
+    """x + Attn(RMSNorm(x)), then + FFN(RMSNorm(x)); the FFN is dense or a MoELayer, the
+    attention standard or a mixture of attention heads (`attn`, given)."""
 
-    def __init__(self, d_model: int, num_heads: int, ffn: nn.Module, dropout: float, rope_base: float) -> None:
+    def __init__(self, d_model: int, num_heads: int, ffn: nn.Module, dropout: float, rope_base: float,
+                 attn: nn.Module | None = None) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, num_heads, dropout, rope_base)
+        self.attn = attn if attn is not None else CausalSelfAttention(d_model, num_heads, dropout, rope_base)
         self.ffn_norm = RMSNorm(d_model)
         self.ffn = ffn
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x_BLD: Tensor, token_ids_BL: Tensor) -> Tensor:
-        x_BLD = x_BLD + self.dropout(self.attn(self.attn_norm(x_BLD)))
+        h_BLD = self.attn_norm(x_BLD)
+        attended = self.attn(h_BLD, token_ids=token_ids_BL) if isinstance(self.attn, MixtureOfAttention) else self.attn(h_BLD)
+        x_BLD = x_BLD + self.dropout(attended)
         h_BLD = self.ffn_norm(x_BLD)
         ffn_BLD = self.ffn(h_BLD, token_ids=token_ids_BL) if isinstance(self.ffn, MoELayer) else self.ffn(h_BLD)
         return x_BLD + self.dropout(ffn_BLD)
@@ -130,8 +115,14 @@ class MoELM(nn.Module):
         tie_embeddings: bool = True,
         dropout: float = 0.0,
         rope_base: float = 10000.0,
+        attention: str = "standard",
+        attention_experts: int = 8,
+        attention_k: int = 2,
+        attention_head_dim: int | str = "match",
     ) -> None:
         super().__init__()
+        if attention not in ("standard", "moa"):
+            raise ConfigError(f"model.attention={attention!r}: pick standard or moa (mixture of attention heads)")
         if vocab_size < 2:
             raise ConfigError(f"model.vocab_size={vocab_size} must be >= 2: set it from the data (data.vocab_size)")
         width, match = expert_width(expert_hidden, ffn_hidden)
@@ -154,7 +145,12 @@ class MoELM(nn.Module):
                 )
             else:
                 ffn = DenseFFN(d_model, ffn_hidden, ffn_activation)
-            blocks.append(DecoderBlock(d_model, num_heads, ffn, dropout, rope_base))
+            attn = None
+            if attention == "moa":  # MoA (Zhang et al. 2022) in every block, routed like the FFN experts
+                attn = MixtureOfAttention(d_model, router, attention_experts, attention_k, attention_head_dim, causal=True,
+                                          rope_base=rope_base, aux_loss_weights=aux_loss_weights, layer_index=i,
+                                          router_facts={"vocab_size": vocab_size}, dropout=dropout)
+            blocks.append(DecoderBlock(d_model, num_heads, ffn, dropout, rope_base, attn))
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = RMSNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
@@ -170,8 +166,11 @@ class MoELM(nn.Module):
         nn.init.normal_(self.embed.weight, std=INIT_STD)
         nn.init.normal_(self.head.weight, std=INIT_STD)
         for block in self.blocks:
-            nn.init.normal_(block.attn.qkv.weight, std=INIT_STD)
-            nn.init.normal_(block.attn.proj.weight, std=out_std)
+            if isinstance(block.attn, MixtureOfAttention):
+                block.attn.reset_parameters(in_std=INIT_STD, out_std=out_std)
+            else:
+                nn.init.normal_(block.attn.qkv.weight, std=INIT_STD)
+                nn.init.normal_(block.attn.proj.weight, std=out_std)
             if isinstance(block.ffn, MoELayer):
                 block.ffn.reset_parameters(in_std=INIT_STD, out_std=out_std, dense_hidden=self.ffn_hidden)
             else:
@@ -179,10 +178,13 @@ class MoELM(nn.Module):
 
     def _check_causal_safety(self) -> None:
         for block in self.blocks:
-            if isinstance(block.ffn, MoELayer) and not block.ffn.causal_safe:
-                router = block.ffn.router
+            for part in (block.ffn, block.attn):
+                if not isinstance(part, (MoELayer, MixtureOfAttention)) or part.causal_safe:
+                    continue
+                router = part.router
+                where = "MoE layer" if isinstance(part, MoELayer) else "attention-head mixture of block"
                 raise ConfigError(
-                    f"model=lm: the router of MoE layer {block.ffn.layer_index} ({type(router).__name__}: "
+                    f"model=lm: the router of {where} {part.layer_index} ({type(router).__name__}: "
                     f"{router.extra_repr()}) routes a token depending on other tokens of the batch, so future "
                     "tokens would leak into earlier positions of the causal LM: pick a per-token router, "
                     "e.g. router=topk without capacity_factor (router.capacity_factor=null router.eval_capacity_factor=null)"

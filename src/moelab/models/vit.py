@@ -8,6 +8,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from moelab.models.placement import expert_width, moe_layer_indices
+from moelab.moe.attention import MixtureOfAttention
 from moelab.moe.errors import ConfigError
 from moelab.moe.layer import MoELayer
 from moelab.moe.upcycle import DenseWeights, upcycle_layer
@@ -52,8 +53,14 @@ class MoEViT(nn.Module):
         expert_hidden: int | str = "match",
         timm_name: str | None = None,
         pretrained: bool = False,
+        attention: str = "standard",
+        attention_experts: int = 8,
+        attention_k: int = 2,
+        attention_head_dim: int | str = "match",
     ) -> None:
         super().__init__()
+        if attention not in ("standard", "moa"):
+            raise ConfigError(f"model.attention={attention!r}: pick standard or moa (mixture of attention heads)")
         if timm_name:
             self.vit = timm_vision_transformer(timm_name, pretrained, img_size, in_chans, num_classes, drop_rate)
             depth, embed_dim = len(self.vit.blocks), self.vit.embed_dim
@@ -96,6 +103,15 @@ class MoEViT(nn.Module):
             self.vit.blocks[i].mlp = layer
             if getattr(self.vit.blocks[i].mlp.router, "needs_token_ids", False):
                 raise ConfigError("images have no token ids: use router=hash with router.key=position on the ViT")
+
+        if attention == "moa":  # MoA (Zhang et al. 2022) in every block, routed like the FFN experts
+            for i, block in enumerate(self.vit.blocks):
+                block.attn = MixtureOfAttention(
+                    embed_dim, router, attention_experts, attention_k, attention_head_dim, causal=False,
+                    aux_loss_weights=aux_loss_weights, layer_index=i,
+                    router_facts={"num_positions": self.num_patches + self.vit.num_prefix_tokens},
+                )
+                block.attn.reset_parameters(in_std=TIMM_INIT_STD, out_std=TIMM_INIT_STD)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.vit(images)

@@ -13,10 +13,11 @@ from moelab.moe.routers import (
     HashRouter,
     NoisyTopKRouter,
     SinkhornRouter,
+    SmearRouter,
     SoftMoERouter,
     TopKRouter,
 )
-from moelab.moe.routing import Routing, RoutingContext, SoftRouting
+from moelab.moe.routing import MergedRouting, Routing, RoutingContext, SoftRouting
 
 __all__ = [
     "AUX_LOSSES",
@@ -34,6 +35,8 @@ __all__ = [
     "Routing",
     "RoutingContext",
     "SinkhornRouter",
+    "SmearRouter",
+    "MergedRouting",
     "SoftMoERouter",
     "SoftRouting",
     "TopKRouter",

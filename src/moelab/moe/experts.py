@@ -100,8 +100,13 @@ class GroupedExperts(nn.Module):
             if b is not None:
                 b.zero_()
 
-    def forward(self, x_ND: Tensor, group_sizes_E: Tensor) -> Tensor:
-        """Routed experts on grouped rows (under expert parallelism: this rank's experts)."""
+    def forward(self, x_ND: Tensor, group_sizes_E: Tensor | None, merge_GE: Tensor | None = None,
+                per_token: bool = False) -> Tensor:
+        """Routed experts on grouped rows (under expert parallelism: this rank's experts); with
+        `merge_GE`, SMEAR's FFN of merged parameters on the (T, D) tokens (`merged_forward`).
+        Both through this call, so FSDP gathers the weights first."""
+        if merge_GE is not None:
+            return self.merged_forward(x_ND, merge_GE, per_token)
         offsets_E = torch.cumsum(group_sizes_E, 0, dtype=torch.int32)
         h_NF = grouped_mm(x_ND, local_part(self.w1_EDF), offsets_E)
         gate_NF = None if self.w3_EDF is None else grouped_mm(x_ND, local_part(self.w3_EDF), offsets_E)
@@ -115,6 +120,41 @@ class GroupedExperts(nn.Module):
             gate_NF = gate_NF + local_part(self.b3_EF)[expert_N].to(gate_NF.dtype)
         y_ND = grouped_mm(self.dropout(_activate(self.activation, h_NF, gate_NF)), local_part(self.w2_EFD), offsets_E)
         return y_ND + local_part(self.b2_ED)[expert_N].to(y_ND.dtype)
+
+    def merged_forward(self, x_TD: Tensor, merge_GE: Tensor, per_token: bool) -> Tensor:
+        """One FFN per group whose parameters are the experts' merged with weights p (SMEAR,
+        Muqeeth et al. 2023): W̄_g = Σ_i p_{g,i} W_i for W1, W3, W2 and the biases.
+
+        Per sequence (G = B groups of the T tokens, in order) the merged weights are formed
+        and applied by batched matmuls. Per token (G = T) forming T merged matrices would
+        take T·D·F memory; the same numbers come from x W̄ = Σ_i p_i (x W_i), since every
+        merged matrix is applied linearly: each projection runs for all experts and is then
+        mixed by p, the activation applied to the mixed pre-activation, as the merged FFN does.
+        """
+        if torch.is_autocast_enabled(x_TD.device.type):
+            x_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
+        dtype = x_TD.dtype
+        p_GE = merge_GE.to(dtype)
+        weights = {name: local_part(w).to(dtype) for name, w in self.expert_weights().items()}
+        if weights["w1_EDF"].shape[0] != p_GE.shape[1]:
+            raise ConfigError("router=smear merges every expert: it needs all experts on each rank (ep=1)")
+
+        def project(x_G_or_T: Tensor, weight: str, bias: str) -> Tensor:
+            w = weights[weight]
+            if per_token:
+                out = torch.einsum("ti,te,eio->to", x_G_or_T, p_GE, w)
+            else:
+                out = torch.bmm(x_G_or_T, torch.einsum("ge,eio->gio", p_GE, w))
+            if bias in weights:
+                b = p_GE @ weights[bias]
+                out = out + (b if per_token else b.unsqueeze(1))
+            return out
+
+        x = x_TD if per_token else x_TD.reshape(p_GE.shape[0], -1, x_TD.shape[-1])
+        h = project(x, "w1_EDF", "b1_EF")
+        gate = project(x, "w3_EDF", "b3_EF") if "w3_EDF" in weights else None
+        y = project(self.dropout(_activate(self.activation, h, gate)), "w2_EFD", "b2_ED")
+        return y.reshape(x_TD.shape)
 
     def expert_weights(self) -> dict[str, nn.Parameter]:
         """The (E, …) weight and bias stacks, by attribute name: what expert parallelism splits."""

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from moelab.moe.errors import ConfigError
 from moelab.moe.losses import AUX_LOSSES, SIGNED_LOSSES
-from moelab.moe.routing import Routing, RoutingContext
+from moelab.moe.routing import MergedRouting, Routing, RoutingContext
 
 
 class MoELayer(nn.Module):
@@ -81,6 +81,9 @@ class MoELayer(nn.Module):
         self.dense_hidden = hidden if match_dense_flops else None
         if match_dense_flops:
             self.experts = experts(d_model=d_model, hidden=self._matched_width(hidden, granularity))
+        if getattr(self.router, "kind", None) == "smear" and not hasattr(self.experts, "merged_forward"):
+            raise ConfigError(f"router=smear merges the experts' weights, which {type(self.experts).__name__} cannot: "
+                              "use expert=mlp, swiglu or geglu")
         make_shared = getattr(self.experts, "make_shared_experts", None)
         self.shared_experts = make_shared() if make_shared else None
         self._check_losses(check_aux_loss_weights(aux_loss_weights or {}))
@@ -175,7 +178,9 @@ class MoELayer(nn.Module):
         in_std = self.experts.d_model**-0.5 if in_std is None else in_std
         out_std = twin**-0.5 if out_std is None else out_std
         expert_out_std = out_std * (twin / (fine * (1 / routed + self.num_shared))) ** 0.5
-        init(in_std, expert_out_std)
+        # SMEAR merges weights, Σ p_i W_i: at even p their std is σ/sqrt(E), so draw them wider.
+        gain = float(getattr(self.router, "merged_init_gain", 1.0))
+        init(in_std * gain, expert_out_std * gain)
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters(in_std, expert_out_std)
 
@@ -196,12 +201,15 @@ class MoELayer(nn.Module):
         # they are copied k times (the router above still sees them in full precision).
         if torch.is_autocast_enabled(x.device.type):
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
-        x_ND, group_sizes_E = plan.dispatch(x_TD)
-        if self.expert_exchange is None:
-            y_ND = self.experts(x_ND, group_sizes_E)
+        if isinstance(plan, MergedRouting):  # SMEAR: one FFN of merged parameters, nothing dispatched
+            y_TD = self.experts(x_TD, None, merge_GE=plan.merge_GE, per_token=plan.per_token)
         else:
-            y_ND = self.expert_exchange(x_ND, group_sizes_E, self.experts)
-        y_TD = plan.combine(y_ND)
+            x_ND, group_sizes_E = plan.dispatch(x_TD)
+            if self.expert_exchange is None:
+                y_ND = self.experts(x_ND, group_sizes_E)
+            else:
+                y_ND = self.expert_exchange(x_ND, group_sizes_E, self.experts)
+            y_TD = plan.combine(y_ND)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         self.last_plan = plan
@@ -264,16 +272,25 @@ def check_aux_loss_weights(aux_loss_weights: Mapping[str, object]) -> dict[str, 
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """The model's MoE layers in module order."""
+    """The model's MoE feed-forward layers in module order (what expert parallelism splits)."""
     return [m for m in model.modules() if isinstance(m, MoELayer)]
 
 
+def routed_layers(model: nn.Module) -> list[nn.Module]:
+    """Every module that routes tokens to experts, in module order: the MoE feed-forward
+    layers and mixtures of attention heads (moelab.moe.attention). Each has `router`,
+    `experts`, `num_experts`, `layer_index`, `last_plan`, `aux_losses` and `aux_loss`."""
+    from moelab.moe.attention import MixtureOfAttention
+
+    return [m for m in model.modules() if isinstance(m, (MoELayer, MixtureOfAttention))]
+
+
 def active_parameters(model: nn.Module) -> int:
-    """Parameters one token uses: all of them, except that each MoE layer counts only the
-    share experts_per_token / E of its routed experts (Soft MoE, whose share depends on the
-    sequence length, counts as 1 expert per token)."""
+    """Parameters one token uses: all of them, except that each routed layer (MoE FFN or
+    mixture of attention heads) counts only the share experts_per_token / E of its experts
+    (Soft MoE, whose share depends on the sequence length, counts as 1 expert per token)."""
     total = sum(param.numel() for param in model.parameters())
-    for layer in moe_layers(model):
+    for layer in routed_layers(model):
         routed = sum(param.numel() for param in layer.experts.parameters())
         share = getattr(layer.router, "experts_per_token", 1) / layer.num_experts
         total -= round(routed * (1 - min(share, 1.0)))
@@ -283,7 +300,7 @@ def active_parameters(model: nn.Module) -> int:
 def collect_aux_losses(model: nn.Module) -> tuple[Tensor | None, dict[str, Tensor]]:
     """The one place auxiliary losses are summed: (total weighted loss over all layers,
     unweighted value of each named loss averaged over layers)."""
-    layers = [m for m in moe_layers(model) if m.aux_loss is not None]
+    layers = [m for m in routed_layers(model) if m.aux_loss is not None]
     if not layers:
         return None, {}
     total = sum(m.aux_loss for m in layers)
@@ -298,7 +315,7 @@ def collect_aux_losses(model: nn.Module) -> tuple[Tensor | None, dict[str, Tenso
 def after_optimizer_step(model: nn.Module) -> None:
     """Router state that moves once per optimizer step (aux-loss-free biases). Training
     loops call this right after `optimizer.step()`."""
-    for layer in moe_layers(model):
+    for layer in routed_layers(model):
         update = getattr(layer.router, "update_bias", None)
         if update is not None:
             update()

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from moelab.moe.dispatch import expert_capacity, token_choice_routing
 from moelab.moe.errors import ConfigError, check_num_experts
-from moelab.moe.routing import Routing, RoutingContext, SoftRouting
+from moelab.moe.routing import MergedRouting, Routing, RoutingContext, SoftRouting
 
 TOKEN_CHOICE_LOSSES = frozenset({"balance", "zloss", "importance", "seq_balance", "entropy"})
 
@@ -788,3 +788,49 @@ class SoftMoERouter(nn.Module):
             num_experts=self.num_experts,
             context=context,
         )
+
+
+class SmearRouter(nn.Module):
+    """SMEAR (Muqeeth et al. 2023): soft merging of experts with adaptive routing. The router
+    reads the mean of a sequence's inputs, x̄ (or, with `per="token"`, each token's own x),
+    p = softmax(x̄ W_gᵀ), and the layer runs one FFN whose parameters are Σ_i p_i W_i (for
+    every weight and bias of the experts), so its cost is one expert's FFN plus the merge,
+    and the router gets gradients through the merged weights, with no estimator.
+
+    The per-sequence form (the paper's) mixes a whole sequence into the routing of each of
+    its tokens: not causal-safe, so the causal LM refuses it; `per="token"` is.
+    Initialisation: MoELayer draws each expert's weights sqrt(E) wider than one FFN's, so the
+    merged FFN starts at the dense FFN's scale (at even p, Σ_i p_i W_i has std σ/sqrt(E))."""
+
+    kind = "smear"
+    supported_losses = frozenset({"zloss", "entropy"})
+    experts_per_token = 1
+
+    def __init__(self, d_model: int, num_experts: int, per: str = "sequence") -> None:
+        super().__init__()
+        check_num_experts(num_experts)
+        if per not in ("sequence", "token"):
+            raise ConfigError(f"router.per={per!r}: SMEAR merges the experts per sequence or per token")
+        self.num_experts, self.per = num_experts, per
+        self.causal_safe = per == "token"
+        self.gate = linear_gate(d_model, num_experts)
+
+    @property
+    def merged_init_gain(self) -> float:
+        return float(self.num_experts) ** 0.5
+
+    def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> MergedRouting:
+        if self.per == "token":
+            logits_TE = router_logits(x_TD, self.gate.weight)
+            probs_TE = logits_TE.softmax(dim=-1)
+            return MergedRouting(logits_TE, probs_TE, probs_TE, per_token=True, context=context)
+        num_sequences = 1 if context is None else context.num_sequences
+        x_BLD = x_TD.reshape(num_sequences, -1, x_TD.shape[-1])
+        logits_BE = router_logits(x_BLD.float().mean(1), self.gate.weight)
+        probs_BE = logits_BE.softmax(dim=-1)
+        seq_len = x_BLD.shape[1]
+        return MergedRouting(logits_BE.repeat_interleave(seq_len, 0), probs_BE.repeat_interleave(seq_len, 0), probs_BE,
+                             per_token=False, context=context)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, per={self.per}"

@@ -284,3 +284,59 @@ class SoftRouting:
             "dropped_fraction": zero,
             "router_entropy": mean_entropy(self.router_probs_TE.detach().float()),
         }
+
+
+@dataclass
+class MergedRouting:
+    """SMEAR plan (Muqeeth et al. 2023, "Soft Merging of Experts with Adaptive Routing"):
+    no token is sent anywhere. For each group g, a sequence or (`per_token`) a token, the
+    experts' parameters are merged with the router's probabilities, W̄_g = Σ_i p_{g,i} W_i,
+    and the merged FFN runs once on the group's tokens (`GroupedExperts.merged_forward`).
+
+    merge_GE: p per group, rows sum to 1 (G = B sequences, or T tokens).
+    router_logits_TE / router_probs_TE: per token (a sequence's repeated over its tokens),
+    for the z-loss, the entropy and the statistics.
+    """
+
+    router_logits_TE: Tensor
+    router_probs_TE: Tensor
+    merge_GE: Tensor
+    per_token: bool
+    context: RoutingContext | None = None
+    selected_experts_TK = None
+    gates_TK = None
+    kept_TK = None
+    valid_N = None
+    load_estimate_E = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.router_probs_TE.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.router_probs_TE.shape[1]
+
+    @property
+    def top_k(self) -> None:
+        return None
+
+    @property
+    def tokens_per_expert_E(self) -> Tensor:
+        """Each expert's share of the merged weights, summed over tokens (a soft count)."""
+        return self.router_probs_TE.detach().sum(0)
+
+    @torch.no_grad()
+    def expert_share_TE(self) -> Tensor:
+        """Each expert's merge weight in each token's FFN."""
+        return self.router_probs_TE.detach().float()
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, Tensor]:
+        zero = torch.zeros((), device=self.router_probs_TE.device)
+        return {
+            "tokens_per_expert": self.tokens_per_expert_E,
+            "unrouted_fraction": zero,
+            "dropped_fraction": zero,
+            "router_entropy": mean_entropy(self.router_probs_TE.detach().float()),
+        }

@@ -50,6 +50,9 @@ def split_experts(model: nn.Module, ep_mesh: DeviceMesh) -> None:
                 f"{type(experts).__name__} share one base FFN, whose gradients would need reducing over the ep ranks "
                 "as well: run expert=lora with ep=1 (trainer=fsdp or ddp)"
             )
+        if getattr(layer.router, "kind", None) == "smear" and ep > 1:
+            raise ConfigError("router=smear merges every expert's weights for every token, so each rank needs all "
+                              "experts: run it with ep=1 (trainer=fsdp, or ddp)")
         check_ep(ep_mesh.size(), ep, layer.num_experts)
         for name, weight in experts.expert_weights().items():
             if not isinstance(weight, DTensor):

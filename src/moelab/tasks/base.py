@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from moelab.checkpoints import CONFIG_KEY
 from moelab.moe.errors import ConfigError
-from moelab.moe.layer import after_optimizer_step, collect_aux_losses, moe_layers
+from moelab.moe.layer import after_optimizer_step, collect_aux_losses, moe_layers, routed_layers
 from moelab.parallel.fsdp_ep import clip_grads_, parallelize, sharded_grad_norm
 from moelab.runs import Diverged
 from moelab.tasks.finetune import freeze as freeze_groups
@@ -252,7 +252,7 @@ def first_nonfinite(task: L.LightningModule, batch: Any) -> str:
     innermost module whose output did (forward hooks fire on a module's exit, so children
     report before their parents), or an auxiliary loss; else the backward pass."""
     bad_input = _nonfinite(batch[0])  # still run the forward pass: sharded ranks run it together
-    routers = {id(layer.router): layer for layer in moe_layers(task)}
+    routers = {id(layer.router): layer for layer in routed_layers(task)}
     names = {id(module): name for name, module in task.named_modules()}
     found: list[nn.Module] = []
 
@@ -275,7 +275,7 @@ def first_nonfinite(task: L.LightningModule, batch: Any) -> str:
             index = layer.layer_index if layer.layer_index is not None else "?"
             return f"the router of MoE layer {index} ({names[id(module)]}) gave non-finite logits first"
         return f"first non-finite output: {names[id(module)]} ({type(module).__name__})"
-    for layer in moe_layers(task):
+    for layer in routed_layers(task):
         for name, value in layer.aux_losses.items():
             if not math.isfinite(float(value)):
                 return f"the {name} auxiliary loss of MoE layer {layer.layer_index} is {float(value)}"

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from moelab.moe.errors import ConfigError
-from moelab.moe.layer import moe_layers
+from moelab.moe.layer import routed_layers
 from moelab.tasks.base import MoETask
 from moelab.tasks.throughput import Throughput, training_flops_per_token
 from moelab.tasks.optim import check_optimizer_hparams
@@ -76,8 +76,8 @@ class LanguageModeling(MoETask):
         """Frequency-balanced hash routers (router.balance=frequency) get their maps from the
         training split's token counts, before any parallel wrapping; the same data give the
         same maps, and checkpoints carry them."""
-        routers = [layer.router for layer in moe_layers(self.model) if getattr(layer.router, "balance", None) == "frequency"]
-        masked = [layer.router for layer in moe_layers(self.model) if getattr(layer.router, "token_mask", None)]
+        routers = [layer.router for layer in routed_layers(self.model) if getattr(layer.router, "balance", None) == "frequency"]
+        masked = [layer.router for layer in routed_layers(self.model) if getattr(layer.router, "token_mask", None)]
         if not routers and not masked:
             return
         token_counts = getattr(self.trainer.datamodule, "token_counts", None)

@@ -1,0 +1,109 @@
+"""SMEAR (router=smear): the layer equals one FFN of the experts' parameters merged with the
+router's probabilities, written out here; gradients reach every expert and the router; the
+causal LM refuses the per-sequence form and trains the per-token one."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moelab.moe import ConfigError, GroupedExperts, LoRAExperts, MoELayer, SmearRouter
+from moelab.moe.experts import DenseFFN
+from moelab.parallel.fsdp_ep import split_experts
+from moelab.train import build_model, run
+
+from ..conftest import LM_FAST, VIT_FAST, compose_config
+
+
+def layer(per: str, activation: str, bias: bool = True, experts: int = 4) -> MoELayer:
+    torch.manual_seed(0)
+    return MoELayer(16, 32, partial(SmearRouter, per=per),
+                    partial(GroupedExperts, num_experts=experts, activation=activation, bias=bias), {"zloss": 1e-3})
+
+
+def merged_ffn_by_definition(moe: MoELayer, x_BLD: torch.Tensor, per: str) -> torch.Tensor:
+    """p from the gate (the sequence's mean input, or the token's own), every parameter
+    merged as Σ_i p_i θ_i, then the FFN with those parameters, token by token."""
+    e, gate = moe.experts, moe.router.gate.weight
+    out = torch.zeros_like(x_BLD)
+    for b in range(x_BLD.shape[0]):
+        for t in range(x_BLD.shape[1]):
+            source = x_BLD[b].mean(0) if per == "sequence" else x_BLD[b, t]
+            p = torch.softmax(source @ gate.T, dim=-1)
+            merged = {name: torch.einsum("e,e...->...", p, w) for name, w in e.expert_weights().items()}
+            h = x_BLD[b, t] @ merged["w1_EDF"] + merged.get("b1_EF", 0)
+            if e.activation == "gelu":
+                a = F.gelu(h)
+            else:
+                a = F.silu(h) * (x_BLD[b, t] @ merged["w3_EDF"] + merged.get("b3_EF", 0))
+            out[b, t] = a @ merged["w2_EFD"] + merged.get("b2_ED", 0)
+    return out
+
+
+@pytest.mark.parametrize("per", ["sequence", "token"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_the_layer_is_the_ffn_of_merged_parameters_and_its_gradients_match(per, activation):
+    moe = layer(per, activation)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    y = moe(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    reference = merged_ffn_by_definition(moe, x_ref, per)
+    torch.testing.assert_close(y, reference, atol=2e-6, rtol=1e-5)
+    weights = torch.randn_like(y)
+    grads = torch.autograd.grad((y * weights).sum(), [x, moe.router.gate.weight, *moe.experts.expert_weights().values()])
+    expected = torch.autograd.grad((reference * weights).sum(),
+                                   [x_ref, moe.router.gate.weight, *moe.experts.expert_weights().values()])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert grads[1].abs().sum() > 0  # the router learns through the merge
+    assert all(bool((g.flatten(1).abs().sum(1) > 0).all()) for g in grads[2:])  # every expert gets a gradient
+    plan = moe.last_plan
+    assert plan.tokens_per_expert_E.sum().item() == pytest.approx(15.0)  # soft counts: one token's worth each
+    assert moe.aux_losses == {} or set(moe.aux_losses) == {"zloss"}
+
+
+def test_a_sequence_is_routed_by_its_mean_and_never_by_other_sequences():
+    moe = layer("sequence", "swiglu")
+    x = torch.randn(2, 6, 16)
+    alone = moe(x[1:])
+    changed = x.clone()
+    changed[0] = torch.randn(6, 16)
+    torch.testing.assert_close(moe(changed)[1:], alone)
+
+
+def test_the_merged_ffn_starts_at_the_dense_ffns_scale():
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, 64)
+    moe = MoELayer(64, 256, SmearRouter, partial(GroupedExperts, num_experts=8, activation="gelu"), match_dense_flops=True)
+    dense = DenseFFN(64, 256, "gelu")
+    ratio = (moe(x).std() / dense(x).std()).item()
+    assert 0.7 < ratio < 1.4, ratio  # without the sqrt(E) gain it would be about 1/8
+
+
+def test_refusals_are_one_line():
+    with pytest.raises(ConfigError, match="router=smear merges the experts' weights, which LoRAExperts cannot"):
+        MoELayer(16, 32, SmearRouter, partial(LoRAExperts, num_experts=4))
+    with pytest.raises(ConfigError, match="router.per='batch'"):
+        SmearRouter(16, 4, per="batch")
+
+    class TwoRanks:
+        def size(self) -> int:
+            return 2
+
+    with pytest.raises(ConfigError, match="router=smear merges every expert's weights .* run it with ep=1"):
+        split_experts(layer("token", "gelu"), TwoRanks())
+
+
+def test_the_causal_lm_refuses_the_per_sequence_form_and_trains_the_per_token_one(tmp_path):
+    with pytest.raises(Exception, match="routes a token depending on other tokens"):
+        build_model(compose_config(tmp_path, *LM_FAST, "router=smear"))
+    run(compose_config(tmp_path / "lm", *LM_FAST, "router=smear", "router.per=token", "loss=zloss"))
+    run(compose_config(tmp_path / "vit", *VIT_FAST, "router=smear", "loss=zloss"))
+    import json
+
+    for folder, metric in (("lm", "val/bpb"), ("vit", "val/acc")):
+        record = json.loads((tmp_path / folder / "metrics.json").read_text())
+        assert record["status"] == "ok" and record[metric] is not None
