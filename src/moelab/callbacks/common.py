@@ -159,3 +159,26 @@ def step_statistics(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[in
         result[index] = LayerStatistics(counts_E, share_E, scalars, {n: v / world for n, v in zip(names, aux)}, finite)
     pl_module._moelab_step_statistics = (trainer.global_step, result)
     return result
+
+
+class AlsoOnTest:
+    """For validation views: eval.py sets `on_test`, and the test loop's batches then feed
+    the same views (`on_test_starts` adjusts what validation's start decided)."""
+
+    on_test = False
+
+    def on_test_starts(self) -> None:
+        pass
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.on_test:
+            self.on_validation_epoch_start(trainer, pl_module)
+            self.on_test_starts()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.on_test:
+            self.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.on_test:
+            self.on_validation_epoch_end(trainer, pl_module)

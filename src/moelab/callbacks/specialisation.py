@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from moelab.callbacks.common import indexed_moe_layers, layer_order, sum_over_ranks, tensorboard_writers
+from moelab.callbacks.common import AlsoOnTest, indexed_moe_layers, layer_order, sum_over_ranks, tensorboard_writers
 from moelab.callbacks.heatmap import column_shares, render_heatmap
 from moelab.callbacks.tags import specialisation_tag
 from moelab.moe.errors import ConfigError
@@ -87,7 +87,7 @@ def position_labels(num_positions: int) -> list[str]:
     return [str(p) for p in range(num_positions)]
 
 
-class ExpertSpecialisation(L.Callback):
+class ExpertSpecialisation(AlsoOnTest, L.Callback):
     """What each expert specialises in, measured over the validation set and written at its end.
 
     Vision (batch `(images (B, C, H, W), labels (B,))`, the MoE layers see B·N patch tokens
@@ -147,22 +147,8 @@ class ExpertSpecialisation(L.Callback):
         # Every rank measures its share of the validation set; the tables are summed over ranks at the end.
         self._active = not trainer.sanity_checking and self._due(trainer)
 
-    # eval.py sets `on_test`: the tables of the test loop's data too (always measured).
-    on_test = False
-
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.on_test:
-            self._reset()
-            self._names = getattr(getattr(trainer, "datamodule", None), "class_names", None)
-            self._active = True
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.on_test:
-            self.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.on_test:
-            self.on_validation_epoch_end(trainer, pl_module)
+    def on_test_starts(self) -> None:
+        self._active = True  # eval.py: the evaluated data is always measured
 
     # ---- measure -----------------------------------------------------------------------
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:

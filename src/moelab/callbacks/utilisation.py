@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from moelab.callbacks.common import (
+    AlsoOnTest,
     check_every_n,
     indexed_moe_layers,
     layer_order,
@@ -58,7 +59,7 @@ def write_expert_histogram(writer, tag: str, values_E: Tensor, step: int) -> Non
     )
 
 
-class ExpertUtilisation(L.Callback):
+class ExpertUtilisation(AlsoOnTest, L.Callback):
     """Per MoE layer i, from the last training batch's routing plan, on logging steps:
 
     - `moe/layer<i>/tokens_per_expert`: histogram, one bucket per expert, height = tokens
@@ -104,21 +105,6 @@ class ExpertUtilisation(L.Callback):
     # ranks once at its end, render on rank 0.
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._val_counts = {}
-
-    # eval.py sets `on_test`: the load heatmap of the test loop's data too.
-    on_test = False
-
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.on_test:
-            self.on_validation_epoch_start(trainer, pl_module)
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.on_test:
-            self.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.on_test:
-            self.on_validation_epoch_end(trainer, pl_module)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         if not self.load_heatmap or trainer.sanity_checking:
