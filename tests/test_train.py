@@ -44,7 +44,7 @@ def test_cli_run_writes_metrics_config_checkpoint_and_histograms(tmp_path):
     for name in ("val/acc", "val/loss", "test/acc", "train/loss", "train/aux/balance", "train/aux/zloss"):
         assert isinstance(metrics[name], float), name
     assert 0.0 <= metrics["val/acc"] <= 1.0
-    assert (run_dir / ".hydra" / "config.yaml").read_text().count("experts: 8") == 1
+    assert (run_dir / ".hydra" / "config.yaml").read_text().splitlines().count("experts: 8") == 1  # the top-level key
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"histograms": 0})
