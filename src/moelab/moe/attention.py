@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from moelab.moe.dispatch import grouped_mm
 from moelab.moe.errors import ConfigError, check_num_experts
-from moelab.moe.losses import AUX_LOSSES
+from moelab.moe.layer import _accepted, aux_losses_of, check_aux_loss_weights, usable_loss_weights
 from moelab.moe.routing import Routing, RoutingContext
 
 
@@ -73,7 +73,6 @@ class MixtureOfAttention(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        from moelab.moe.layer import _accepted, check_aux_loss_weights
 
         check_num_experts(num_experts)
         if not 1 <= k <= num_experts:
@@ -94,9 +93,7 @@ class MixtureOfAttention(nn.Module):
         self.experts = _AttentionExperts(d_model, head_dim, num_experts)
         self.w_k_DH = nn.Parameter(torch.empty(d_model, head_dim))
         self.w_v_DH = nn.Parameter(torch.empty(d_model, head_dim))
-        weights = check_aux_loss_weights(aux_loss_weights or {})
-        supported = getattr(self.router, "supported_losses", frozenset(AUX_LOSSES))
-        self.aux_loss_weights = {name: w for name, w in weights.items() if name in supported}
+        self.aux_loss_weights = usable_loss_weights(self.router, check_aux_loss_weights(aux_loss_weights or {}))
         self.aux_losses: dict[str, Tensor] = {}
         self.aux_loss: Tensor | None = None
         self.last_plan: Routing | None = None
@@ -150,16 +147,11 @@ class MixtureOfAttention(nn.Module):
         )
         o_TKH = o_BKLH.permute(0, 2, 1, 3).reshape(num_tokens * top_k, -1)
         # Back to the plan's rows: row r holds the output of the (token, choice) it serves.
-        choices = num_tokens * top_k
-        choice_N = torch.full((rows + 1,), choices, dtype=torch.long, device=x.device)
-        choice_N = choice_N.scatter(0, plan.row_TK.reshape(-1), torch.arange(choices, device=x.device))[:rows]
-        o_NH = torch.cat([o_TKH, o_TKH.new_zeros(1, o_TKH.shape[1])]).index_select(0, choice_N)
+        o_NH = torch.cat([o_TKH, o_TKH.new_zeros(1, o_TKH.shape[1])]).index_select(0, plan.choice_of_row_N(rows))
         y_TD = plan.combine(grouped_mm(o_NH, self.experts.w_o_EHD, offsets_E))
         self.last_plan = plan
         if self.training:
-            self.aux_losses = {name: AUX_LOSSES[name](plan) for name in self.aux_loss_weights}
-            self.aux_loss = sum((w * self.aux_losses[name] for name, w in self.aux_loss_weights.items()),
-                                torch.zeros((), device=x.device))
+            self.aux_losses, self.aux_loss = aux_losses_of(plan, self.aux_loss_weights, x.device)
         return y_TD.reshape(x.shape).to(x.dtype)
 
     def extra_repr(self) -> str:

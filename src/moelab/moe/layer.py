@@ -135,20 +135,7 @@ class MoELayer(nn.Module):
         return fine * granularity
 
     def _check_losses(self, weights: dict[str, float]) -> None:
-        supported = getattr(self.router, "supported_losses", frozenset(AUX_LOSSES))
-        skipped = sorted(name for name, w in weights.items() if w and name not in supported)
-        if skipped:
-            warnings.warn(
-                f"router {type(self.router).__name__} ignores auxiliary loss {skipped} "
-                f"(it supports {sorted(supported) or 'none'})",
-                stacklevel=3,
-            )
-        if weights.get("balance") and type(self.router).__name__ == "AuxFreeRouter":
-            warnings.warn(
-                "router=aux_free balances with its bias; a non-zero balance loss weight fights it: use loss=none or zloss",
-                stacklevel=3,
-            )
-        self.aux_loss_weights = {name: w for name, w in weights.items() if name in supported}
+        self.aux_loss_weights = usable_loss_weights(self.router, weights)
 
     @torch.no_grad()
     def reset_parameters(self, in_std: float | None = None, out_std: float | None = None,
@@ -214,11 +201,7 @@ class MoELayer(nn.Module):
             y_TD = y_TD + self.shared_experts(x_TD)
         self.last_plan = plan
         if self.training:
-            self.aux_losses = {name: AUX_LOSSES[name](plan) for name in self.aux_loss_weights}
-            self.aux_loss = sum(
-                (w * self.aux_losses[name] for name, w in self.aux_loss_weights.items()),
-                torch.zeros((), device=x.device),
-            )
+            self.aux_losses, self.aux_loss = aux_losses_of(plan, self.aux_loss_weights, x.device)
         return y_TD.reshape(x.shape).to(x.dtype)
 
 
@@ -269,6 +252,33 @@ def check_aux_loss_weights(aux_loss_weights: Mapping[str, object]) -> dict[str, 
             )
         weights[name] = float(weight)
     return weights
+
+
+def usable_loss_weights(router: nn.Module, weights: Mapping[str, float]) -> dict[str, float]:
+    """The weighted auxiliary losses `router` supports (its `supported_losses`); a weighted
+    loss it does not support (e.g. balance for Soft MoE, balanced by construction) is
+    dropped with a warning, and a balance loss beside aux_free's bias draws one."""
+    supported = getattr(router, "supported_losses", frozenset(AUX_LOSSES))
+    skipped = sorted(name for name, w in weights.items() if w and name not in supported)
+    if skipped:
+        warnings.warn(
+            f"router {type(router).__name__} ignores auxiliary loss {skipped} "
+            f"(it supports {sorted(supported) or 'none'})",
+            stacklevel=4,
+        )
+    if weights.get("balance") and type(router).__name__ == "AuxFreeRouter":
+        warnings.warn(
+            "router=aux_free balances with its bias; a non-zero balance loss weight fights it: use loss=none or zloss",
+            stacklevel=4,
+        )
+    return {name: w for name, w in weights.items() if name in supported}
+
+
+def aux_losses_of(plan, weights: Mapping[str, float], device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
+    """(each weighted loss's unweighted value on `plan`, their weighted sum): what a routed
+    layer keeps as `aux_losses` and `aux_loss` after a training forward."""
+    losses = {name: AUX_LOSSES[name](plan) for name in weights}
+    return losses, sum((w * losses[name] for name, w in weights.items()), torch.zeros((), device=device))
 
 
 def moe_layers(model: nn.Module) -> list[MoELayer]:

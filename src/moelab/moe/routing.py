@@ -74,8 +74,39 @@ class _GatherRows(torch.autograd.Function):
         return grad_RJD.sum(1) if choices > 1 else grad_RJD.squeeze(1), None, None, None
 
 
+class _PerTokenLogits:
+    """Shape of a plan with per-token router logits (Routing, MergedRouting)."""
+
+    router_logits_TE: Tensor
+    selected_experts_TK: Tensor | None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.router_logits_TE.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.router_logits_TE.shape[1]
+
+    @property
+    def top_k(self) -> int | None:
+        """Choices per token for token-choice plans, else None."""
+        return None if self.selected_experts_TK is None else self.selected_experts_TK.shape[1]
+
+
+def _stats_without_drops(tokens_per_expert_E: Tensor, probs_TE: Tensor) -> dict[str, Tensor]:
+    """`stats()` of plans where every token reaches the experts (Soft MoE's slots, SMEAR's merge)."""
+    zero = torch.zeros((), device=probs_TE.device)
+    return {
+        "tokens_per_expert": tokens_per_expert_E,
+        "unrouted_fraction": zero,
+        "dropped_fraction": zero,
+        "router_entropy": mean_entropy(probs_TE.detach().float()),
+    }
+
+
 @dataclass
-class Routing:
+class Routing(_PerTokenLogits):
     """Where every token goes, for one MoE layer and one batch.
 
     Shapes: T tokens, E experts, K choices per token, N rows in the grouped buffer
@@ -114,19 +145,6 @@ class Routing:
     context: RoutingContext | None = None
     row_TK: Tensor | None = None
 
-    @property
-    def num_tokens(self) -> int:
-        return self.router_logits_TE.shape[0]
-
-    @property
-    def num_experts(self) -> int:
-        return self.router_logits_TE.shape[1]
-
-    @property
-    def top_k(self) -> int | None:
-        """Choices per token for token-choice plans, else None."""
-        return None if self.selected_experts_TK is None else self.selected_experts_TK.shape[1]
-
     def dispatch(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         """Tokens grouped by expert, (N, D), and the rows per expert, (E,). Local, no comms."""
         if self.row_TK is None or not _gathers(x_TD):
@@ -153,14 +171,19 @@ class Routing:
         if dropped:
             weight_TK = torch.where(self.row_TK < rows, weight_TK, torch.zeros_like(weight_TK))
         # For the backward: the (token, choice) each row serves, T·K for padding rows.
-        choices = num_tokens * top_k
-        choice_N = torch.full((rows + 1,), choices, dtype=torch.long, device=y_ND.device)
-        choice_N = choice_N.scatter(0, self.row_TK.reshape(-1), torch.arange(choices, device=y_ND.device))[:rows]
+        choice_N = self.choice_of_row_N(rows)
         y_TKD = _GatherRows.apply(y_ND, row_TK.reshape(-1), choice_N.unsqueeze(1), self.valid_N is not None)
         y_TKD = y_TKD.reshape(num_tokens, top_k, -1)  # reshape: its backward may get an expanded gradient
         # An elementwise product and a sum over k (fp32 accumulation inside the sum): a batched
         # matmul here is T products of (1, k) x (k, D), which cuBLAS runs as slow gemv kernels.
         return (y_TKD * weight_TK.to(y_ND.dtype).unsqueeze(-1)).sum(1)
+
+    def choice_of_row_N(self, rows: int) -> Tensor:
+        """For each of the N = `rows` grouped rows, the (token, choice) it serves as t·K + k
+        (`row_TK` inverted); T·K for padding rows, which serve none. Token-choice plans only."""
+        choices = self.row_TK.numel()
+        choice_N = torch.full((rows + 1,), choices, dtype=torch.long, device=self.row_TK.device)
+        return choice_N.scatter(0, self.row_TK.reshape(-1), torch.arange(choices, device=self.row_TK.device))[:rows]
 
     def expert_index_N(self) -> Tensor:
         """The expert each grouped row belongs to."""
@@ -277,17 +300,11 @@ class SoftRouting:
 
     @torch.no_grad()
     def stats(self) -> dict[str, Tensor]:
-        zero = torch.zeros((), device=self.dispatch_BMS.device)
-        return {
-            "tokens_per_expert": self.tokens_per_expert_E,
-            "unrouted_fraction": zero,
-            "dropped_fraction": zero,
-            "router_entropy": mean_entropy(self.router_probs_TE.detach().float()),
-        }
+        return _stats_without_drops(self.tokens_per_expert_E, self.router_probs_TE)
 
 
 @dataclass
-class MergedRouting:
+class MergedRouting(_PerTokenLogits):
     """SMEAR plan (Muqeeth et al. 2023, "Soft Merging of Experts with Adaptive Routing"):
     no token is sent anywhere. For each group g, a sequence or (`per_token`) a token, the
     experts' parameters are merged with the router's probabilities, W̄_g = Σ_i p_{g,i} W_i,
@@ -310,18 +327,6 @@ class MergedRouting:
     load_estimate_E = None
 
     @property
-    def num_tokens(self) -> int:
-        return self.router_probs_TE.shape[0]
-
-    @property
-    def num_experts(self) -> int:
-        return self.router_probs_TE.shape[1]
-
-    @property
-    def top_k(self) -> None:
-        return None
-
-    @property
     def tokens_per_expert_E(self) -> Tensor:
         """Each expert's share of the merged weights, summed over tokens (a soft count)."""
         return self.router_probs_TE.detach().sum(0)
@@ -333,10 +338,4 @@ class MergedRouting:
 
     @torch.no_grad()
     def stats(self) -> dict[str, Tensor]:
-        zero = torch.zeros((), device=self.router_probs_TE.device)
-        return {
-            "tokens_per_expert": self.tokens_per_expert_E,
-            "unrouted_fraction": zero,
-            "dropped_fraction": zero,
-            "router_entropy": mean_entropy(self.router_probs_TE.detach().float()),
-        }
+        return _stats_without_drops(self.tokens_per_expert_E, self.router_probs_TE)
