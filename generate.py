@@ -9,14 +9,15 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moelab.cli import one_line_errors, require, take_verbatim
+from moelab.run.cli import require, take_verbatim
+from moelab.run.errors import one_line_errors
 
 PROMPT: list[str] = []
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
-    from moelab.generation import main_generate
+    from moelab.use.generate import main_generate
 
     with one_line_errors():
         main_generate(OmegaConf.to_container(cfg, resolve=True), PROMPT[0] if PROMPT else cfg.prompt)

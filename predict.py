@@ -8,12 +8,13 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from moelab.cli import one_line_errors, require
+from moelab.run.cli import require
+from moelab.run.errors import one_line_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="predict")
 def main(cfg: DictConfig) -> None:
-    from moelab.prediction import main_predict
+    from moelab.use.predict import main_predict
 
     with one_line_errors():
         main_predict(OmegaConf.to_container(cfg, resolve=True))

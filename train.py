@@ -5,13 +5,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import moelab.sweep  # noqa: F401 - registers ${moelab.run_version:} before Hydra resolves anything (light: no torch)
-from moelab.cli import check_plugins
+import moelab.run.resolvers  # noqa: F401 - registers the ${moelab.*:} resolvers before Hydra resolves anything (light: no torch)
+from moelab.run.cli import check_plugins
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from moelab.train import run  # imported here so `--help` and tab completion stay fast
+    from moelab.run.train import run  # imported here so `--help` and tab completion stay fast
 
     return run(cfg)
 

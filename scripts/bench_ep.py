@@ -28,9 +28,9 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
     from hydra import compose, initialize_config_dir
 
     from moelab.data.digits import DigitsDataModule
+    from moelab.models.build import build_model
     from moelab.moe import collect_aux_losses
     from moelab.parallel.fsdp_ep import build_mesh, expert_parameter_bytes, parallelize
-    from moelab.train import build_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))

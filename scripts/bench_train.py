@@ -3,7 +3,7 @@
     python scripts/bench_train.py                               # experiment=lm_small_gpu on a GPU
     python scripts/bench_train.py --experiment lm_pystdlib --steps 20 --peak-tflops 0   # CPU smoke run
 
-Builds the experiment through moelab.train.build (Lightning, the real task and data),
+Builds the experiment through moelab.run.build.build (Lightning, the real task and data),
 trains `--steps` steps for the MoE model and for `model.moe_every=0` (same active FLOPs),
 and reports tokens/s over the steps after `--warmup`, and MFU over active FLOPs:
 6 · N_active + 6 · layers · seq_len · d_model per token (PaLM's formula, attention
@@ -35,7 +35,7 @@ from omegaconf import open_dict
 
 from moelab.moe import routing
 from moelab.tasks.throughput import active_non_embedding_parameters, peak_flops
-from moelab.train import build
+from moelab.run.build import build
 
 ROOT = Path(__file__).resolve().parents[1]
 

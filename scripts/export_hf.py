@@ -2,13 +2,13 @@
 
 Writes `save_pretrained` layout (config.json + model.safetensors) of `Qwen2MoeForCausalLM`,
 loadable with `transformers.AutoModelForCausalLM.from_pretrained(out_dir)`; settings with
-no Hugging Face equivalent are refused in one line (see moelab.hf_export). Needs the
+no Hugging Face equivalent are refused in one line (see moelab.use.export_hf). Needs the
 `export` extra (transformers >= 5)."""
 
 import argparse
 import sys
 
-from moelab.cli import one_line_errors
+from moelab.run.errors import one_line_errors
 
 
 def main() -> None:
@@ -17,7 +17,7 @@ def main() -> None:
     parser.add_argument("out_dir", help="the folder to write")
     args = parser.parse_args()
     with one_line_errors():
-        from moelab.hf_export import export
+        from moelab.use.export_hf import export
 
         out = export(args.checkpoint, args.out_dir)
     print(f"wrote {out} (Qwen2MoeForCausalLM): transformers.AutoModelForCausalLM.from_pretrained('{out}')")

@@ -3,7 +3,7 @@
     python scripts/merge_experts.py outputs/runs/<run>/checkpoints/last.ckpt --to 4 2 --method usage uniform similarity
     python scripts/merge_experts.py <ckpt> --to 4 --method usage --out merged/   # also write the checkpoints
 
-Every MoE layer's experts are merged into `--to` experts per layer (moelab.moe.merge):
+Every MoE layer's experts are merged into `--to` experts per layer (moelab.moe.lifecycle.merge):
 weight stacks and router rows averaged within groups, weighted by each expert's share of
 the tokens of a calibration split (`--split`, default val) or equally. Prints one table:
 validation loss (and accuracy or bits per byte) of the original model and of each
@@ -29,11 +29,11 @@ import torch
 from lightning.pytorch import Callback
 from omegaconf import OmegaConf, open_dict
 
-from moelab.checkpoints import read_model_state, save_model_state
+from moelab.models.build import build_model
 from moelab.moe.errors import ConfigError
-from moelab.moe.layer import moe_layers
-from moelab.moe.merge import METHODS, expert_groups, merged_layer_state
-from moelab.train import build_model
+from moelab.moe.lifecycle.merge import METHODS, expert_groups, merged_layer_state
+from moelab.moe.routed import moe_layers
+from moelab.tasks.checkpoint_io import read_model_state, save_model_state
 
 
 class Usage(Callback):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from moelab.data.text import load_text_splits, prepare_text_tokens  # noqa: E402
+from moelab.data.token_files import load_text_splits, prepare_text_tokens  # noqa: E402
 from moelab.data.tokenization import KINDS, make_tokenizer, train_bpe  # noqa: E402
 from moelab.moe.errors import ConfigError  # noqa: E402
 

@@ -21,7 +21,7 @@ LM_FAST = [*VIT_FAST, "experiment=lm_pystdlib", "data.seq_len=32", "data.batch_s
 
 def one_line_error(cfg: DictConfig) -> str:
     """Run `cfg` expecting moelab's one-line refusal; returns the line."""
-    from moelab.train import run
+    from moelab.run.train import run
 
     with pytest.raises(SystemExit) as info:
         run(cfg)
@@ -53,7 +53,7 @@ def _seed():
 
 
 def _trained(tmp_path_factory, name: str, overrides: list[str]) -> Path:
-    from moelab.train import run
+    from moelab.run.train import run
 
     folder = tmp_path_factory.mktemp(name)
     run(compose_config(folder, *overrides))

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from moelab.callbacks.checkpoint import rng_state, set_rng_state
-from moelab.train import run
+from moelab.run.train import run
 
 from ..conftest import compose_config
 from ..stops import Crash
-from ..test_train import FAST, train_cli
+from ..run.test_train import FAST, train_cli
 
 TWO_EPOCHS = (*FAST, "trainer.limit_train_batches=4", "trainer.max_epochs=2", "callbacks.progress=null")
 

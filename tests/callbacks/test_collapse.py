@@ -8,7 +8,7 @@ import torch
 from moelab.callbacks.collapse import ExpertCollapseAlarm
 from moelab.callbacks.tags import DEAD_EXPERTS, layer_scalar_tag
 from moelab.moe import ConfigError, moe_layers
-from moelab.train import build
+from moelab.run.build import build
 
 from ..conftest import compose_config
 from .events import load_events

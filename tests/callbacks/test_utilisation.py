@@ -19,7 +19,7 @@ from moelab.callbacks.tags import (
 )
 from moelab.callbacks.utilisation import ExpertUtilisation, utilisation_scalars
 from moelab.moe import ConfigError, TopKRouter
-from moelab.train import run
+from moelab.run.train import run
 
 from ..conftest import compose_config
 from .events import load_events

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from hydra.utils import instantiate
 
-from moelab.data.text import HFTextDataModule, write_token_files
+from moelab.data.text import HFTextDataModule
+from moelab.data.token_files import write_token_files
 from moelab.data.tokenization import make_tokenizer
 from moelab.moe.errors import ConfigError
-from moelab.train import run
+from moelab.run.train import run
 
 from ..conftest import LM_FAST, ROOT, compose_config, one_line_error
 

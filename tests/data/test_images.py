@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 
 from moelab.data.images import AugmentedImages, CIFARDataModule, ImageFolderDataModule, MixupCollate
+from moelab.models.build import build_model
 from moelab.models.placement import moe_layer_indices
 from moelab.moe.errors import ConfigError
-from moelab.train import build_model, run
+from moelab.run.train import run
 
 from ..conftest import VIT_FAST, compose_config, one_line_error
 

@@ -10,14 +10,8 @@ import pytest
 import torch
 
 from moelab.data import text
-from moelab.data.text import (
-    HFTextDataModule,
-    PyStdlibDataModule,
-    RandomWindowSampler,
-    TokenFileDataModule,
-    split_of,
-    write_token_files,
-)
+from moelab.data.text import HFTextDataModule, PyStdlibDataModule, RandomWindowSampler, TokenFileDataModule, split_of
+from moelab.data.token_files import write_token_files
 from moelab.moe import ConfigError
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from moelab.models.build import build_model as model_of
 from moelab.models.lm import MoELM, RMSNorm, apply_rope, rope_angles
 from moelab.moe import ConfigError, GroupedExperts, MoELayer, TopKRouter
-from moelab.train import build_model as model_of
 
 from ..conftest import CONF, compose_config
 

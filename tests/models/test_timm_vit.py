@@ -11,11 +11,12 @@ import timm
 import torch
 from timm.layers import Mlp, SwiGLU
 
+from moelab.models.build import build_model
 from moelab.models.vit import timm_mlp_weights
 from moelab.moe import GroupedExperts, MoELayer, TopKRouter
-from moelab.moe.layer import moe_layers
-from moelab.moe.upcycle import upcycle_layer
-from moelab.train import build_model, run
+from moelab.moe.lifecycle.upcycle import upcycle_layer
+from moelab.moe.routed import moe_layers
+from moelab.run.train import run
 
 from ..conftest import VIT_FAST, compose_config, one_line_error
 from ..data.test_images import FAST_IMAGES, write_cifar

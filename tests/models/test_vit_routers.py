@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from moelab.data.digits import DigitsDataModule
+from moelab.models.build import build_model as model_of
 from moelab.moe import ConfigError, collect_aux_losses
-from moelab.moe.layer import after_optimizer_step
-from moelab.train import build_model as model_of
+from moelab.moe.routed import after_optimizer_step
 
 from ..conftest import CONF, compose_config
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moelab.moe import GroupedExperts, MoELayer
-from moelab.train import run
+from moelab.run.train import run
 
 from ..conftest import CONF, LM_FAST, VIT_FAST, compose_config
 from .test_no_host_sync import ROUTERS

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moelab.models.build import build_model as model_of
 from moelab.moe import (
     ConfigError,
     CosineRouter,
@@ -25,8 +26,7 @@ from moelab.moe import (
     moe_layers,
 )
 from moelab.moe.experts import DenseFFN
-from moelab.moe.layer import active_parameters
-from moelab.train import build_model as model_of
+from moelab.moe.routed import active_parameters
 
 from ..conftest import compose_config
 

@@ -88,7 +88,7 @@ def test_unaligned_expert_sizes_are_rejected():
 
 def test_active_parameters_count_experts_per_token():
     from moelab.moe import DenseRouter, ExpertChoiceRouter
-    from moelab.moe.layer import active_parameters
+    from moelab.moe.routed import active_parameters
 
     def count(router):
         layer = MoELayer(16, 32, router, partial(GroupedExperts, num_experts=4))

@@ -11,8 +11,8 @@ import pytest
 
 from moelab.moe import GroupedExperts, MoELayer, TopKRouter
 from moelab.moe import routers as zoo
-from moelab.moe.layer import moe_layers
-from moelab.train import build
+from moelab.moe.routed import moe_layers
+from moelab.run.build import build
 
 from ..conftest import LM_FAST, compose_config, one_line_error
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from moelab.checkpoints import CONFIG_KEY, load_model_weights
+from moelab.models.build import build_model
 from moelab.moe import ConfigError, GroupedExperts, HashRouter, MoELayer, TopKRouter
-from moelab.moe.merge import expert_groups, merged_layer_state
-from moelab.train import build_model
+from moelab.moe.lifecycle.merge import expert_groups, merged_layer_state
+from moelab.run.checkpoints import load_model_weights
+from moelab.tasks.checkpoint_io import CONFIG_KEY
 
 from ..conftest import ROOT
 

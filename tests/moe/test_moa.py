@@ -14,7 +14,7 @@ from moelab.callbacks.common import indexed_moe_layers
 from moelab.models.lm import MoELM
 from moelab.moe import ConfigError, ExpertChoiceRouter, GroupedExperts, TopKRouter
 from moelab.moe.attention import MixtureOfAttention, matched_head_dim
-from moelab.moe.layer import collect_aux_losses
+from moelab.moe.routed import collect_aux_losses
 
 D, E, K = 32, 4, 2
 

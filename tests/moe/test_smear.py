@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moelab.models.build import build_model
 from moelab.moe import ConfigError, GroupedExperts, LoRAExperts, MoELayer, SmearRouter
 from moelab.moe.experts import DenseFFN
 from moelab.parallel.fsdp_ep import split_experts
-from moelab.train import build_model, run
+from moelab.run.train import run
 
 from ..conftest import LM_FAST, VIT_FAST, compose_config
 

@@ -13,13 +13,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from moelab.checkpoints import read_model_state
-from moelab.loading import load_model
-from moelab.moe.layer import moe_layers
-from moelab.train import build_model as model_of
+from moelab.models.build import build_model as model_of
+from moelab.moe.routed import moe_layers
+from moelab.tasks.checkpoint_io import load_model, read_model_state
 
 from ..conftest import compose_config, one_line_error
-from ..test_train import train_cli
+from ..run.test_train import train_cli
 
 LIMITS = ("trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "callbacks.progress=null", "trainer.accelerator=cpu")
 
@@ -62,8 +61,8 @@ def test_upcycling_distillation_freezing_and_merging_read_and_write_sharded_chec
     ep2 = ("trainer=fsdp_ep", "ep=2", "trainer.devices=2", "trainer.max_epochs=1", "test=false", *LIMITS)
     # The dense twin, trained in this process and saved as a sharded folder (the layout fsdp_ep
     # runs write, as test_fsdp_ep_run_writes_once_... shows): the 2-rank runs below read it.
-    from moelab.checkpoints import save_model_state
-    from moelab.train import run
+    from moelab.run.train import run
+    from moelab.tasks.checkpoint_io import save_model_state
 
     run(compose_config(tmp_path / "dense_run", *LIMITS, "trainer.max_epochs=1", "test=false", "model.moe_every=0"))
     weights, config = read_model_state(str(tmp_path / "dense_run" / "checkpoints" / "last.ckpt"), "x")
@@ -138,7 +137,7 @@ def test_two_ranks_log_the_statistics_of_one_process_on_the_concatenated_batch(t
               "callbacks.expert_specialisation.every_n_epochs=1", "trainer.accelerator=cpu", "trainer.num_sanity_val_steps=0")
     two = train_cli(tmp_path / "two", *common, "trainer=ddp", "trainer.devices=2", "data.batch_size=16")
     assert two.returncode == 0, two.stderr[-3000:]
-    from moelab.train import run
+    from moelab.run.train import run
 
     run(compose_config(tmp_path / "one", *common, "data.batch_size=32"))  # one process, in this one
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from moelab.train import run
+from moelab.run.train import run
 
 from ..conftest import LM_FAST, VIT_FAST, compose_config, one_line_error
 

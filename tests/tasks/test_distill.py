@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from moelab.tasks.base import distillation_kl
-from moelab.train import build, run
+from moelab.run.build import build
+from moelab.run.train import run
 
 from ..conftest import VIT_FAST, compose_config, one_line_error
 
@@ -29,7 +30,7 @@ def test_the_training_loss_mixes_ce_and_kl_to_the_frozen_teacher(tmp_path):
     cfg = compose_config(tmp_path / "student", *VIT_FAST, "model.moe_every=0", f"teacher={teacher_ckpt}",
                          "task.distill_weight=0.3", "task.distill_temperature=3.0")
     datamodule, task, _ = build(cfg)
-    from moelab.loading import load_model
+    from moelab.tasks.checkpoint_io import load_model
 
     teacher = load_model(str(teacher_ckpt))
     task.attach_teacher(teacher)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from moelab.moe import ConfigError
-from moelab.moe.layer import moe_layers
+from moelab.moe.routed import moe_layers
 from moelab.tasks.finetune import parameter_groups
-from moelab.train import build
+from moelab.run.build import build
 
 from ..conftest import LM_FAST, VIT_FAST, compose_config, one_line_error
 

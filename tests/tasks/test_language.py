@@ -10,7 +10,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from moelab.train import run
+from moelab.run.train import run
 
 from ..conftest import compose_config
 
@@ -59,7 +59,7 @@ def test_lm_pystdlib_runs_and_reports_bits_per_byte(tmp_path):
 
 def test_bits_per_byte_use_each_splits_own_bytes_per_token(tmp_path):
     """Token files whose splits tokenise differently: val and test bpb divide by their own ratio."""
-    from moelab.data.text import write_token_files
+    from moelab.data.token_files import write_token_files
 
     def encode(batch):  # val text packs 4 bytes per token, the rest 2
         return [[ord(c) % 500 for c in (t[::4] if t.startswith("v") else t[::2])] for t in batch]

@@ -25,7 +25,7 @@ if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
             except ValueError as exc:
                 if "No trials are completed" not in str(exc):
                     raise
-            from moelab.sweep import write_summary  # the jobs' own records say why
+            from moelab.sweeps.summary import write_summary  # the jobs' own records say why
 
             if self._sweep_dir.is_dir():
                 write_summary(self._sweep_dir)

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from moelab.moe.experts import local_part
 from moelab.parallel.fsdp_ep import is_distributed
-from moelab.runs import Diverged
+from moelab.tasks.divergence import Diverged
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class LastCheckpoint(Checkpoint):
       several ranks only a signal-driven stop, which every rank takes at the same step, can
       save, since other ranks may be blocked in a collective).
 
-    Never with non-finite weights, never after a divergence (`moelab.runs.Diverged`), and
+    Never with non-finite weights, never after a divergence (`moelab.tasks.divergence.Diverged`), and
     atomically (written beside, then renamed over the old one). The checkpoint carries the
     global random streams of every rank, restored on resume (and, like every checkpoint of a
     moelab run, the composed run config: MoETask.on_save_checkpoint).

@@ -11,7 +11,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 
 from moelab.moe.errors import ConfigError
-from moelab.moe.layer import MoELayer, routed_layers
+from moelab.moe.layer import MoELayer
+from moelab.moe.routed import routed_layers
 
 
 def check_every_n(name: str, value: int | None) -> int | None:

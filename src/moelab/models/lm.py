@@ -13,7 +13,8 @@ from moelab.models.placement import expert_width, moe_layer_indices
 from moelab.moe.attention import MixtureOfAttention, apply_rope, rope_angles  # noqa: F401 - RoPE lives there
 from moelab.moe.errors import ConfigError
 from moelab.moe.experts import DenseFFN
-from moelab.moe.layer import MoELayer, active_parameters
+from moelab.moe.layer import MoELayer
+from moelab.moe.routed import active_parameters
 
 INIT_STD = 0.02
 

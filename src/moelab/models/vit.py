@@ -11,7 +11,7 @@ from moelab.models.placement import expert_width, moe_layer_indices
 from moelab.moe.attention import MixtureOfAttention
 from moelab.moe.errors import ConfigError
 from moelab.moe.layer import MoELayer
-from moelab.moe.upcycle import DenseWeights, upcycle_layer
+from moelab.moe.lifecycle.upcycle import DenseWeights, upcycle_layer
 
 
 # timm's VisionTransformer draws its Linear weights from a truncated normal of std 0.02.

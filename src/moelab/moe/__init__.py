@@ -2,8 +2,9 @@
 
 from moelab.moe.errors import ConfigError
 from moelab.moe.experts import GroupedExperts, LoRAExperts
-from moelab.moe.layer import MoELayer, after_optimizer_step, collect_aux_losses, moe_layers
+from moelab.moe.layer import MoELayer
 from moelab.moe.losses import AUX_LOSSES, balance_loss, z_loss
+from moelab.moe.routed import active_parameters, after_optimizer_step, collect_aux_losses, moe_layers, routed_layers
 from moelab.moe.routers import (
     AuxFreeRouter,
     CosineRouter,
@@ -40,9 +41,11 @@ __all__ = [
     "SoftMoERouter",
     "SoftRouting",
     "TopKRouter",
+    "active_parameters",
     "after_optimizer_step",
     "balance_loss",
     "collect_aux_losses",
     "moe_layers",
+    "routed_layers",
     "z_loss",
 ]

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from moelab.moe.dispatch import grouped_mm
 from moelab.moe.errors import ConfigError, check_num_experts
-from moelab.moe.layer import _accepted, aux_losses_of, check_aux_loss_weights, usable_loss_weights
+from moelab.moe.factories import accepted_keywords
+from moelab.moe.losses import aux_losses_of, check_aux_loss_weights, usable_loss_weights
 from moelab.moe.routing import Routing, RoutingContext
 
 
@@ -83,7 +84,7 @@ class MixtureOfAttention(nn.Module):
         self.layer_index, self.num_experts, self.head_dim = layer_index, num_experts, head_dim
         self.causal, self.rope_base, self.dropout = causal, rope_base, dropout
         facts = {"layer_index": layer_index, "k": k, **(router_facts or {})}
-        self.router = router(d_model=d_model, num_experts=num_experts, **_accepted(router, facts))
+        self.router = router(d_model=d_model, num_experts=num_experts, **accepted_keywords(router, facts))
         if getattr(self.router, "kind", None) not in ("token_choice", "hash", "dense"):
             raise ConfigError(f"model.attention=moa routes each token to its heads: it needs a token-choice router "
                               f"(topk, switch, gshard, noisy_topk, cosine, aux_free, sinkhorn, hash), not "

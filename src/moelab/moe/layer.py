@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import math
 import warnings
 from typing import Callable, Mapping
 
@@ -11,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from moelab.moe.errors import ConfigError
-from moelab.moe.losses import AUX_LOSSES, SIGNED_LOSSES
+from moelab.moe.factories import accepted_keywords, factory_k, factory_keyword
+from moelab.moe.losses import aux_losses_of, check_aux_loss_weights, usable_loss_weights
 from moelab.moe.routing import MergedRouting, Routing, RoutingContext
 
 
@@ -59,7 +58,7 @@ class MoELayer(nn.Module):
         if match_dense_flops:
             # Only its shape (expert count, granularity, shared experts), at the smallest
             # width every granularity accepts: the real experts follow the router.
-            probe_hidden = 8 * (_factory_keyword(experts, "granularity") or 1)
+            probe_hidden = 8 * (factory_keyword(experts, "granularity") or 1)
             with torch.device("meta"):
                 shape = experts(d_model=d_model, hidden=probe_hidden)
         else:
@@ -69,13 +68,13 @@ class MoELayer(nn.Module):
         facts = {"layer_index": layer_index, **(router_facts or {})}
         fine_k = self._router_k(router, granularity)
         try:
-            self.router = router(d_model=d_model, num_experts=shape.num_experts, **fine_k, **_accepted(router, facts))
+            self.router = router(d_model=d_model, num_experts=shape.num_experts, **fine_k, **accepted_keywords(router, facts))
         except ConfigError as error:
             if not fine_k:
                 raise
             raise ConfigError(
                 f"{error}; note that this router's k is router.k × expert.granularity − expert.num_shared = "
-                f"{_factory_k(router)} × {granularity} − {self.num_shared} = {fine_k['k']} (DeepSeekMoE): "
+                f"{factory_k(router)} × {granularity} − {self.num_shared} = {fine_k['k']} (DeepSeekMoE): "
                 "raise router.k or expert.granularity, or lower expert.num_shared"
             ) from error
         self.dense_hidden = hidden if match_dense_flops else None
@@ -104,18 +103,18 @@ class MoELayer(nn.Module):
                 "a token is routed to (k·m − shared), and this router's k is fixed (gshard is top-2 by definition): "
                 "use router=topk with router.k, or plain experts"
             )
-        factory_k = _factory_k(router)
-        if factory_k is None:
+        bound_k = factory_k(router)
+        if bound_k is None:
             if granularity > 1:
                 raise ConfigError(
                     f"expert.granularity={granularity} multiplies the router's k, and this router sets none: "
                     "use a top-k router (topk, noisy_topk, cosine, aux_free, sinkhorn) with router.k, or granularity=1"
                 )
             return {}  # shared experts beside a router without k: added on top
-        routed = factory_k * granularity - self.num_shared
+        routed = bound_k * granularity - self.num_shared
         if routed < 1:
             raise ConfigError(
-                f"router.k={factory_k} × expert.granularity={granularity} gives {factory_k * granularity} active experts "
+                f"router.k={bound_k} × expert.granularity={granularity} gives {bound_k * granularity} active experts "
                 f"per token, and expert.num_shared={self.num_shared} of them are shared, leaving none routed: "
                 "raise router.k or expert.granularity, or lower expert.num_shared"
             )
@@ -203,129 +202,3 @@ class MoELayer(nn.Module):
         if self.training:
             self.aux_losses, self.aux_loss = aux_losses_of(plan, self.aux_loss_weights, x.device)
         return y_TD.reshape(x.shape).to(x.dtype)
-
-
-def _factory_keyword(factory: Callable[..., object], name: str) -> object | None:
-    """The value a factory will pass for `name`: its bound keyword, else its signature's
-    default, else None."""
-    keywords = getattr(factory, "keywords", None) or {}
-    if name in keywords:
-        return keywords[name]
-    try:
-        parameter = inspect.signature(factory).parameters.get(name)
-    except (TypeError, ValueError):
-        return None
-    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
-
-
-def _factory_k(factory: Callable[..., object]) -> int | None:
-    """The k a router factory will use."""
-    return _factory_keyword(factory, "k")
-
-
-def _accepted(factory: Callable[..., object], facts: Mapping[str, object]) -> dict[str, object]:
-    """Those `facts` (not None) that `factory` takes as keyword arguments."""
-    try:
-        parameters = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return {name: value for name, value in facts.items() if value is not None}
-    return {name: value for name, value in facts.items() if value is not None and name in parameters}
-
-
-def check_aux_loss_weights(aux_loss_weights: Mapping[str, object]) -> dict[str, float]:
-    """Loss name → weight as floats; one-line errors for unknown names, non-numbers and
-    negative weights (which would reward what the loss penalises: a negative balance weight
-    trains towards imbalance). Losses in SIGNED_LOSSES take either sign on purpose."""
-    unknown = sorted(set(aux_loss_weights) - set(AUX_LOSSES))
-    if unknown:
-        raise ConfigError(f"unknown auxiliary loss {unknown}: pick from {', '.join(AUX_LOSSES)}")
-    weights = {}
-    for name, weight in aux_loss_weights.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ConfigError(f"loss.{name}={weight} must be a number")
-        if weight < 0 and name not in SIGNED_LOSSES:
-            raise ConfigError(
-                f"loss.{name}={weight} is negative, which rewards what the {name} loss penalises: "
-                f"use a weight >= 0 (0 turns it off)"
-            )
-        weights[name] = float(weight)
-    return weights
-
-
-def usable_loss_weights(router: nn.Module, weights: Mapping[str, float]) -> dict[str, float]:
-    """The weighted auxiliary losses `router` supports (its `supported_losses`); a weighted
-    loss it does not support (e.g. balance for Soft MoE, balanced by construction) is
-    dropped with a warning, and a balance loss beside aux_free's bias draws one."""
-    supported = getattr(router, "supported_losses", frozenset(AUX_LOSSES))
-    skipped = sorted(name for name, w in weights.items() if w and name not in supported)
-    if skipped:
-        warnings.warn(
-            f"router {type(router).__name__} ignores auxiliary loss {skipped} "
-            f"(it supports {sorted(supported) or 'none'})",
-            stacklevel=4,
-        )
-    if weights.get("balance") and type(router).__name__ == "AuxFreeRouter":
-        warnings.warn(
-            "router=aux_free balances with its bias; a non-zero balance loss weight fights it: use loss=none or zloss",
-            stacklevel=4,
-        )
-    return {name: w for name, w in weights.items() if name in supported}
-
-
-def aux_losses_of(plan, weights: Mapping[str, float], device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
-    """(each weighted loss's unweighted value on `plan`, their weighted sum): what a routed
-    layer keeps as `aux_losses` and `aux_loss` after a training forward."""
-    losses = {name: AUX_LOSSES[name](plan) for name in weights}
-    return losses, sum((w * losses[name] for name, w in weights.items()), torch.zeros((), device=device))
-
-
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    """The model's MoE feed-forward layers in module order (what expert parallelism splits)."""
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
-
-
-def routed_layers(model: nn.Module) -> list[nn.Module]:
-    """Every module that routes tokens to experts, in module order: the MoE feed-forward
-    layers and mixtures of attention heads (moelab.moe.attention). Each has `router`,
-    `experts`, `num_experts`, `layer_index`, `last_plan`, `aux_losses` and `aux_loss`."""
-    from moelab.moe.attention import MixtureOfAttention
-
-    return [m for m in model.modules() if isinstance(m, (MoELayer, MixtureOfAttention))]
-
-
-def active_parameters(model: nn.Module) -> int:
-    """Parameters one token uses: all of them, except that each routed layer (MoE FFN or
-    mixture of attention heads) counts only the share experts_per_token / E of its experts
-    (Soft MoE, whose share depends on the sequence length, counts as 1 expert per token)."""
-    total = sum(param.numel() for param in model.parameters())
-    for layer in routed_layers(model):
-        routed = sum(param.numel() for param in layer.experts.parameters())
-        share = getattr(layer.router, "experts_per_token", 1) / layer.num_experts
-        total -= round(routed * (1 - min(share, 1.0)))
-    return total
-
-
-def collect_aux_losses(model: nn.Module) -> tuple[Tensor | None, dict[str, Tensor]]:
-    """The one place auxiliary losses are summed: (total weighted loss over all layers,
-    unweighted value of each named loss averaged over layers)."""
-    layers = [m for m in routed_layers(model) if m.aux_loss is not None]
-    if not layers:
-        return None, {}
-    total = sum(m.aux_loss for m in layers)
-    names = {name for m in layers for name in m.aux_losses}
-    per_name = {
-        name: torch.stack([m.aux_losses[name] for m in layers if name in m.aux_losses]).mean()
-        for name in sorted(names)
-    }
-    return total, per_name
-
-
-def after_optimizer_step(model: nn.Module) -> None:
-    """Router state that moves once per optimizer step (aux-loss-free biases). Training
-    loops call this right after `optimizer.step()`."""
-    for layer in routed_layers(model):
-        update = getattr(layer.router, "update_bias", None)
-        if update is not None:
-            update()

@@ -6,11 +6,14 @@ Which losses mean something for which router is declared by the router
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+import warnings
+from typing import Callable, Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from moelab.moe.errors import ConfigError
 from moelab.moe.routing import Routing, mean_entropy
 
 
@@ -89,3 +92,50 @@ AUX_LOSSES: dict[str, Callable[[Routing], Tensor]] = {
     "load": load_loss,
     "entropy": entropy_loss,
 }
+
+
+def check_aux_loss_weights(aux_loss_weights: Mapping[str, object]) -> dict[str, float]:
+    """Loss name → weight as floats; one-line errors for unknown names, non-numbers and
+    negative weights (which would reward what the loss penalises: a negative balance weight
+    trains towards imbalance). Losses in SIGNED_LOSSES take either sign on purpose."""
+    unknown = sorted(set(aux_loss_weights) - set(AUX_LOSSES))
+    if unknown:
+        raise ConfigError(f"unknown auxiliary loss {unknown}: pick from {', '.join(AUX_LOSSES)}")
+    weights = {}
+    for name, weight in aux_loss_weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ConfigError(f"loss.{name}={weight} must be a number")
+        if weight < 0 and name not in SIGNED_LOSSES:
+            raise ConfigError(
+                f"loss.{name}={weight} is negative, which rewards what the {name} loss penalises: "
+                f"use a weight >= 0 (0 turns it off)"
+            )
+        weights[name] = float(weight)
+    return weights
+
+
+def usable_loss_weights(router: nn.Module, weights: Mapping[str, float]) -> dict[str, float]:
+    """The weighted auxiliary losses `router` supports (its `supported_losses`); a weighted
+    loss it does not support (e.g. balance for Soft MoE, balanced by construction) is
+    dropped with a warning, and a balance loss beside aux_free's bias draws one."""
+    supported = getattr(router, "supported_losses", frozenset(AUX_LOSSES))
+    skipped = sorted(name for name, w in weights.items() if w and name not in supported)
+    if skipped:
+        warnings.warn(
+            f"router {type(router).__name__} ignores auxiliary loss {skipped} "
+            f"(it supports {sorted(supported) or 'none'})",
+            stacklevel=4,
+        )
+    if weights.get("balance") and type(router).__name__ == "AuxFreeRouter":
+        warnings.warn(
+            "router=aux_free balances with its bias; a non-zero balance loss weight fights it: use loss=none or zloss",
+            stacklevel=4,
+        )
+    return {name: w for name, w in weights.items() if name in supported}
+
+
+def aux_losses_of(plan, weights: Mapping[str, float], device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
+    """(each weighted loss's unweighted value on `plan`, their weighted sum): what a routed
+    layer keeps as `aux_losses` and `aux_loss` after a training forward."""
+    losses = {name: AUX_LOSSES[name](plan) for name in weights}
+    return losses, sum((w * losses[name] for name, w in weights.items()), torch.zeros((), device=device))

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from moelab.moe.errors import ConfigError
 from moelab.moe.experts import local_part
-from moelab.moe.layer import moe_layers
+from moelab.moe.routed import moe_layers
 from moelab.parallel.expert_parallel import ExpertParallelExchange
 
 MESH_DIMS = ("dp", "ep")

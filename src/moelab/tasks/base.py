@@ -3,8 +3,6 @@ updates, AdamW with warm-up + cosine, and the guard that stops a diverging run."
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from typing import Any
 
 import lightning as L
@@ -12,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.checkpoints import CONFIG_KEY
 from moelab.moe.errors import ConfigError
-from moelab.moe.layer import after_optimizer_step, collect_aux_losses, moe_layers, routed_layers
+from moelab.moe.routed import after_optimizer_step, collect_aux_losses
 from moelab.parallel.fsdp_ep import clip_grads_, parallelize, sharded_grad_norm
-from moelab.runs import Diverged
+from moelab.tasks.checkpoint_io import CONFIG_KEY
+from moelab.tasks.divergence import Diverged, first_nonfinite
 from moelab.tasks.finetune import freeze as freeze_groups
 from moelab.tasks.optim import adamw_param_groups, warmup_cosine
 
@@ -35,7 +33,7 @@ class MoETask(L.LightningModule):
     `weight_decay`, `betas`, `warmup_steps`, `min_lr_ratio`, and call `add_aux_losses`.
 
     Every optimizer step logs `train/grad_norm` (before clipping) and checks it and the
-    loss: a non-finite value raises `moelab.runs.Diverged` before the optimizer step (so the
+    loss: a non-finite value raises `moelab.tasks.divergence.Diverged` before the optimizer step (so the
     weights stay those of the last finite step), naming what turned non-finite first. The
     check reads one number back from the device per step.
     """
@@ -58,11 +56,11 @@ class MoETask(L.LightningModule):
     _compile_backend: str | None = None
 
     run_config: dict[str, Any] | None = None
-    """The run's composed config (set by moelab.train): every checkpoint carries it under
+    """The run's composed config (set by moelab.run.train): every checkpoint carries it under
     `moelab_config`, so `moelab.load`, `eval.py` and the task loader rebuild the model."""
 
     run_hparams: dict[str, Any] | None = None
-    """Settings that tell runs apart (moelab.summary.run_hparams, set by moelab.train): logged
+    """Settings that tell runs apart (moelab.run.summary.run_hparams, set by moelab.run.train): logged
     with the task's hyperparameters, so TensorBoard's HPARAMS dashboard compares runs by them."""
 
     # The metrics TensorBoard's HPARAMS dashboard shows next to them (subclasses name theirs).
@@ -96,7 +94,7 @@ class MoETask(L.LightningModule):
         other argument. A sharded folder is refused in one line: `moelab.load(path)` reads it."""
         from pathlib import Path
 
-        from moelab.loading import load_model
+        from moelab.tasks.checkpoint_io import load_model
 
         if Path(str(checkpoint_path)).is_dir():
             raise ConfigError(f"{checkpoint_path} is a sharded checkpoint folder: read its model with "
@@ -232,54 +230,6 @@ class MoETask(L.LightningModule):
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = warmup_cosine(optimizer, min(hp.warmup_steps, total_steps), total_steps, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def _nonfinite(value: Any) -> bool:
-    if isinstance(value, Tensor):
-        return value.is_floating_point() and not bool(torch.isfinite(value).all())
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return any(_nonfinite(getattr(value, f.name)) for f in dataclasses.fields(value))
-    if isinstance(value, (tuple, list)):
-        return any(_nonfinite(v) for v in value)
-    if isinstance(value, dict):
-        return any(_nonfinite(v) for v in value.values())
-    return False
-
-
-@torch.no_grad()
-def first_nonfinite(task: L.LightningModule, batch: Any) -> str:
-    """Where the forward pass on `batch` first produced a non-finite value: the input, the
-    innermost module whose output did (forward hooks fire on a module's exit, so children
-    report before their parents), or an auxiliary loss; else the backward pass."""
-    bad_input = _nonfinite(batch[0])  # still run the forward pass: sharded ranks run it together
-    routers = {id(layer.router): layer for layer in routed_layers(task)}
-    names = {id(module): name for name, module in task.named_modules()}
-    found: list[nn.Module] = []
-
-    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        if not found and _nonfinite(output):
-            found.append(module)
-
-    handles = [module.register_forward_hook(hook) for module in task.modules()]
-    try:
-        task(batch[0])
-    finally:
-        for handle in handles:
-            handle.remove()
-    if bad_input:
-        return "the input batch holds non-finite values"
-    if found:
-        module = found[0]
-        layer = routers.get(id(module))
-        if layer is not None:
-            index = layer.layer_index if layer.layer_index is not None else "?"
-            return f"the router of MoE layer {index} ({names[id(module)]}) gave non-finite logits first"
-        return f"first non-finite output: {names[id(module)]} ({type(module).__name__})"
-    for layer in routed_layers(task):
-        for name, value in layer.aux_losses.items():
-            if not math.isfinite(float(value)):
-                return f"the {name} auxiliary loss of MoE layer {layer.layer_index} is {float(value)}"
-    return "the forward pass is finite: the backward pass made the gradients non-finite"
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:

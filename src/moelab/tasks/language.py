@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from moelab.moe.errors import ConfigError
-from moelab.moe.layer import routed_layers
+from moelab.moe.routed import routed_layers
 from moelab.tasks.base import MoETask
 from moelab.tasks.throughput import Throughput, training_flops_per_token
 from moelab.tasks.optim import check_optimizer_hparams

@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from moelab.moe.layer import active_parameters
+from moelab.moe.routed import active_parameters
 
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, no sparsity); the longest
 # name contained in torch.cuda.get_device_name() wins ("H100 PCIe" before "H100").

@@ -1,0 +1,289 @@
+"""End to end: `train.py` and `moelab.run.train.run` on the bundled digits, a few steps each."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from moelab.callbacks.tags import tokens_per_expert_tag
+from moelab.moe.errors import ConfigError
+from moelab.run.train import run
+
+from ..conftest import ROOT, compose_config
+
+FAST = ("debug=default", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
+
+
+def train_cli(
+    run_dir: Path, *overrides: str, env: dict[str, str] | None = None, new_session: bool = False
+) -> subprocess.CompletedProcess:
+    """`python train.py` in a subprocess (`new_session`: in a process group of its own)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    flags = [o for o in overrides if o.startswith("-")]  # e.g. -m must precede the overrides
+    overrides = tuple(o for o in overrides if not o.startswith("-"))
+    return subprocess.run(
+        [sys.executable, "train.py", *flags, f"hydra.run.dir={run_dir}", *overrides],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, start_new_session=new_session,
+    )
+
+
+def test_cli_run_writes_metrics_config_checkpoint_and_histograms(tmp_path):
+    run_dir = tmp_path / "run"
+    result = train_cli(run_dir, *FAST, "callbacks.expert_utilisation.every_n_steps=1", "data.batch_size=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for name in ("val/acc", "val/loss", "test/acc", "train/loss", "train/aux/balance", "train/aux/zloss"):
+        assert isinstance(metrics[name], float), name
+    assert 0.0 <= metrics["val/acc"] <= 1.0
+    assert (run_dir / ".hydra" / "config.yaml").read_text().splitlines().count("experts: 8") == 1  # the top-level key
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    tags = [tag for tag in events.Tags()["histograms"] if tag.endswith("/tokens_per_expert")]
+    assert sorted(tags) == sorted([tokens_per_expert_tag(1), tokens_per_expert_tag(3)])
+    # Dropless top-2: the experts' counts add up to tokens × k for every logged step.
+    tokens = 16 * 16  # batch × patches
+    for tag in tags:
+        steps = events.Histograms(tag)
+        assert len(steps) == 3
+        for event in steps:
+            assert len(event.histogram_value.bucket) == 8
+            assert sum(event.histogram_value.bucket) == tokens * 2
+    # Throughput is a machine reading: TensorBoard only (no train/mfu on a CPU).
+    assert "train/images_per_s" not in metrics and "train/mfu" not in events.Tags()["scalars"]
+    assert all(e.value > 0 for e in events.Scalars("train/images_per_s"))
+    # Readable: the config tree first, one summary line last, the MoE settings as hparams.
+    assert result.stdout.lstrip().startswith("config") and "router: topk (TopKRouter)" in result.stdout
+    summary = [line for line in result.stdout.splitlines() if line.startswith("moelab: done")]
+    assert len(summary) == 1 and f"metrics {run_dir / 'metrics.json'}" in summary[0]
+    assert f"last {run_dir / 'checkpoints' / 'last.ckpt'}" in summary[0] and "test/acc" in summary[0]
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = events.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.hparams["router"].string_value == "topk" and start.hparams["experts"].number_value == 8
+    assert start.hparams["k"].number_value == 2 and start.hparams["loss/balance"].number_value == 0.01
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert [m.name.tag for m in experiment.metric_infos] == ["val/acc", "val/loss", "test/acc", "test/loss"]
+
+
+def test_bad_config_is_one_line_without_traceback_or_run_folder(tmp_path):
+    result = train_cli(tmp_path / "run", *FAST, "router.k=9")
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == "moelab: error: router.k=9 must be between 1 and experts=8: lower router.k or raise experts"
+    assert not (tmp_path / "run").exists()  # refused before training: nothing to keep
+
+
+def test_help_shows_moelabs_usage_first_and_a_missing_plugin_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("moelab: train Mixture-of-Experts models") and lines[2].startswith("Usage: python train.py")
+    assert result.stdout.index("Examples:") < result.stdout.index("== Config groups ==") < result.stdout.index("== Config (the defaults")
+    from moelab.run.cli import check_plugins
+
+    with pytest.raises(SystemExit) as refused:
+        check_plugins(["hparams_search=optuna"], find_spec=lambda name: None)
+    assert refused.value.code == 1
+
+
+def test_debug_wins_over_experiment_and_runs_are_named_by_what_sets_them_apart(make_cfg):
+    cfg = make_cfg("experiment=lm_pystdlib", "debug=default")
+    assert (cfg.trainer.max_epochs, cfg.trainer.log_every_n_steps, cfg.trainer.limit_train_batches) == (1, 1, 4)
+    assert cfg.trainer.accelerator == "cpu" and cfg.model._target_.endswith("MoELM")  # the experiment still applies
+    from moelab.run.names import run_name, shared_override_keys
+
+    shared = shared_override_keys(["-m", "router=topk,switch", "experts=range(4,9,4)", "debug=default", "seed=0",
+                                   "hydra.sweep.dir=x"])
+    assert shared == {"debug", "seed"}
+    assert run_name(["seed=0", "router=switch", "experts=8", "debug=default"], shared) == "experts=8,router=switch"
+    assert run_name(["init_from=/a/b.ckpt", "ckpt_path=/c/last.ckpt"]) == "init_from=_a_b.ckpt"  # no folder levels
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("experts=0", "experts=0: a MoE layer needs at least 1 expert"),
+        ("router.capacity_factor=0", "router.capacity_factor=0 must be > 0"),
+        ("model.moe_layers=[1,7]", "model.moe_layers has 7, outside a model of depth 4"),
+        ("router=switch router.normalize=true", "set router.normalize=false"),
+        ("data.batch_size=0", "data.batch_size=0 must be a positive integer"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
+        ("task.lr=-0.01", "task.lr=-0.01 must be a positive number"),
+        ("task.betas=[0.9,1.5]", "task.betas=[0.9, 1.5] must be two numbers in [0, 1)"),
+        ("seed=abc", "seed='abc' must be a whole number"),
+        ("experts=abc", "experts='abc' must be a whole number of experts"),
+        ("ep=0", "ep=0 must be >= 1"),
+        ("loss.balance=-1", "loss.balance=-1 is negative, which rewards what the balance loss penalises"),
+        ("loss.zloss=abc", "loss.zloss=abc must be a number"),
+        ("trainer=fsdp +trainer.gradient_clip_algorithm=value", "trainer=fsdp/fsdp_ep clip gradients by norm only"),
+        pytest.param("trainer=ddp8 trainer.accelerator=gpu trainer.devices=8", "but this machine has no GPU: run on the CPU with trainer.accelerator=cpu "
+                     "trainer.devices=8", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine")),
+    ],
+)
+def test_bad_config_messages(tmp_path, override, message):
+    cfg = compose_config(tmp_path, *FAST, *override.split())
+    with pytest.raises(SystemExit) as info:
+        run(cfg)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).startswith("moelab: error: ")
+    record = strict_json(tmp_path / "metrics.json")
+    assert record["status"] == "error" and message in record["reason"]
+
+
+def test_a_negative_entropy_weight_is_allowed_since_its_sign_picks_the_direction(tmp_path):
+    run(compose_config(tmp_path, *FAST, "+loss.entropy=-1e-3"))
+    assert strict_json(tmp_path / "metrics.json")["status"] == "ok"
+
+
+def test_debug_switch_keeps_the_traceback(tmp_path, monkeypatch):
+    verbose_result = train_cli(tmp_path / "b", *FAST, "experts=abc", "hydra.verbose=true")
+    assert verbose_result.returncode == 1 and "Traceback" in verbose_result.stderr
+    assert "ConfigError: experts='abc' must be a whole number" in verbose_result.stderr
+    monkeypatch.setenv("MOELAB_DEBUG", "1")  # the same switch by environment: the error itself propagates
+    with pytest.raises(ConfigError, match="experts='abc' must be a whole number"):
+        run(compose_config(tmp_path / "a", *FAST, "experts=abc"))
+
+
+def test_unknown_group_option_lists_the_options(tmp_path):
+    with pytest.raises(MissingConfigException, match="topk"):
+        compose_config(tmp_path, "router=nonexistent")
+
+
+def test_ddp8_composes_and_stops_cleanly_without_gpus(tmp_path):
+    cfg = compose_config(tmp_path, "trainer=ddp8")
+    assert cfg.trainer.devices == 8 and cfg.trainer.strategy == "ddp" and cfg.trainer.accelerator == "gpu"
+    if torch.cuda.device_count() >= 8:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(SystemExit) as info:
+        run(cfg)
+    assert str(info.value).startswith("moelab: error:") and "\n" not in str(info.value)
+
+
+def test_experts_override_reaches_every_moe_layer(tmp_path):
+    cfg = compose_config(tmp_path, "experts=16", "model.moe_every=1")
+    assert cfg.expert.num_experts == 16
+
+
+def test_switch_swiglu_16_experts_trains_and_returns_metric(tmp_path):
+    cfg = compose_config(tmp_path, *FAST, "router=switch", "expert=swiglu", "experts=16", "loss=balance_zloss")
+    value = run(cfg)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert value == metrics["val/acc"]
+    assert all(v == v for v in metrics.values()), "no NaN"
+    assert 0.5 < metrics["train/aux/balance"] < 16
+
+
+def test_seeded_runs_are_identical_on_cpu(tmp_path):
+    results = []
+    for name in ("a", "b"):
+        cfg = compose_config(tmp_path / name, *FAST, "trainer.limit_val_batches=2")
+        run(cfg)
+        results.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert results[0] == results[1]
+
+
+def test_resume_from_checkpoint_continues_training(tmp_path):
+    first = compose_config(tmp_path / "first", *FAST, "trainer.max_epochs=1")
+    run(first)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+
+    second = compose_config(tmp_path / "second", *FAST, "trainer.max_epochs=2", f"ckpt_path={last}")
+    run(second)
+    resumed = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 6 and resumed["epoch"] == 1
+
+
+def test_last_ckpt_is_the_final_step_and_best_is_separate(tmp_path):
+    # Epoch 0 ends at step 4 (a checkpoint then); max_steps stops in the middle of epoch 1.
+    run(compose_config(tmp_path, *FAST, "trainer.limit_train_batches=4", "trainer.max_epochs=3", "++trainer.max_steps=6"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["step"] == 6 and metrics["status"] == "ok"
+    checkpoints = tmp_path / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 6
+    (best,) = checkpoints.glob("best-epoch*.ckpt")
+    assert torch.load(best, weights_only=True)["global_step"] == 4  # the only validation was at step 4
+    assert not list(checkpoints.glob(".*"))  # no partial checkpoint left behind
+
+
+def test_a_run_stopped_by_max_time_saves_the_step_it_reached(tmp_path):
+    run(compose_config(tmp_path, *FAST, "trainer.limit_train_batches=null", "trainer.max_epochs=1000",
+                       "++trainer.max_time=00:00:00:02"))
+    metrics = strict_json(tmp_path / "metrics.json")
+    assert metrics["status"] == "ok" and 0 < metrics["step"] < 1000 * 20
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == metrics["step"]
+
+
+def strict_json(path: Path) -> dict:
+    def refuse(constant: str):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_divergence_stops_at_that_step_names_the_router_and_keeps_the_good_checkpoint(tmp_path, recwarn):
+    # Epoch 0 (steps 0-3) ends with a checkpoint; step 5 makes layer 1's router logits inf.
+    cfg = compose_config(
+        tmp_path, *FAST, "trainer.limit_train_batches=4", "trainer.max_epochs=3", "trainer.log_every_n_steps=1",
+        "callbacks.collapse_alarm.patience=1", "+callbacks.poison._target_=tests.stops.PoisonRouterAt",
+        "+callbacks.poison.step=5",
+    )
+    with pytest.raises(SystemExit) as stop:
+        run(cfg)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    message = str(stop.value)
+    assert message.startswith("moelab: error: training diverged at step 5: ") and "\n" not in message
+    assert "the router of MoE layer 1 (model.vit.blocks.1.mlp.router) gave non-finite logits first" in message
+    assert f"last good checkpoint: {last} (step 4)" in message
+
+    record = strict_json(tmp_path / "metrics.json")
+    assert record["status"] == "diverged" and record["step"] == 5 and record["reason"] in message
+    for checkpoint in (last, *(tmp_path / "checkpoints").glob("best-*.ckpt")):
+        state = torch.load(checkpoint, weights_only=True)
+        assert state["global_step"] == 4
+        assert all(torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point())
+    alarms = [str(w.message) for w in recwarn if "dead experts at step" in str(w.message)]
+    assert not [a for a in alarms if int(a.split("dead experts at step ")[1].split(":")[0]) >= 5]  # quiet on the NaN step
+
+
+def test_diverging_cli_run_exits_1_with_one_line(tmp_path):
+    result = train_cli(tmp_path / "run", *FAST, "task.lr=1e3", "callbacks.progress=null")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("moelab: error: training diverged at step ") and "lower task.lr (here 1000)" in last
+    assert strict_json(tmp_path / "run" / "metrics.json")["status"] == "diverged"
+
+
+def test_a_run_too_short_to_validate_warns_and_ends_ok(tmp_path):
+    # In-process: train.py's exit code is run()'s ending (0 when it returns; the CLI tests above show it).
+    with pytest.warns(UserWarning, match="optimized_metric 'val/acc' was not logged"):
+        assert run(compose_config(tmp_path / "run", "++trainer.max_steps=3", "++trainer.max_epochs=1",
+                                  "callbacks.progress=null")) is None
+    metrics = strict_json(tmp_path / "run" / "metrics.json")
+    assert metrics["status"] == "ok" and metrics["step"] == 3 and "val/acc" not in metrics
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+def test_a_gpu_trainer_larger_than_the_machine_names_what_it_has():
+    from moelab.run.build import check_devices
+
+    with pytest.raises(ConfigError, match="trainer.devices=8 asks for 8 GPUs, but this machine has 2: set trainer.devices=2"):
+        check_devices("gpu", 8, gpus_here=2)
+    with pytest.raises(ConfigError, match="no GPU: run on the CPU with trainer=cpu"):
+        check_devices("gpu", 1, gpus_here=0)
+    check_devices("gpu", 2, gpus_here=2)
+    check_devices("gpu", 8, num_nodes=2, gpus_here=4)  # each node checks its own
+    check_devices("cpu", 8, gpus_here=0)
