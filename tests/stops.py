@@ -90,3 +90,17 @@ class PoisonRouterAt(L.Callback):
             (layer,) = [m for m in moe_layers(pl_module) if m.layer_index == self.layer]
             with torch.no_grad():
                 layer.router.gate.weight[0, 0] = float("inf")
+
+
+class RecordWeights(L.Callback):
+    """A copy of the model's parameters after every optimizer step: `after_steps[n]` holds them
+    after n steps. The newest instance is `RecordWeights.last` (callbacks come from configs)."""
+
+    last: "RecordWeights | None" = None
+
+    def __init__(self) -> None:
+        self.after_steps: dict[int, list[torch.Tensor]] = {}
+        RecordWeights.last = self
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after_steps[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]

@@ -174,3 +174,20 @@ def test_lm_small_gpu_is_gpt2_small_sized_with_dense_active_flops(tmp_path):
     gates = sum(b.ffn.router.gate.weight.numel() for b in moe.blocks if isinstance(b.ffn, MoELayer))
     assert 100e6 < moe.num_parameters(active=True) < 130e6 and moe.num_parameters() > 200e6
     assert moe.num_parameters(active=True) - gates == dense.num_parameters()
+
+
+def test_the_loss_with_targets_is_the_logits_cross_entropy_with_the_same_gradients():
+    """MoELM(ids, targets) computes the head in row chunks (moelab.models.linear_cross_entropy):
+    the same loss and gradients as the cross-entropy of MoELM(ids), the head tied to the
+    embedding (whose gradient then gathers both uses)."""
+    torch.manual_seed(0)
+    model = tiny_lm()
+    ids, targets = torch.randint(0, 64, (2, 12)), torch.randint(0, 64, (2, 12))
+    model(ids, targets).backward()
+    chunked = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(ids)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
+    assert model.head.weight is model.embed.weight
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(chunked[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)

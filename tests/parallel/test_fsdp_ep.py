@@ -69,6 +69,16 @@ def test_four_ranks_dp2_ep2_match_one_process_for_every_router(dp2_ep2_run):
     check_against_single_process(dp2_ep2_run, world=4)
 
 
+def test_bf16_parameters_compute_in_bf16_and_keep_fp32_master_weights(ep2_run):
+    """trainer.strategy.param_dtype=bf16 (FSDP2's MixedPrecisionPolicy): dense and expert weights
+    are gathered as bf16 for the forward, the sharded weights and gradients stay fp32, and
+    the loss is the fp32 one to bf16's precision."""
+    bf16 = ep2_run[0]["bf16"]
+    assert bf16["forward"] == {"dense": torch.bfloat16, "experts": torch.bfloat16}
+    assert bf16["master"] == bf16["grads"] == {torch.float32}
+    assert bf16["loss"] == pytest.approx(workers.reference("topk", 2)[0], rel=2e-2)
+
+
 def test_expert_bytes_fall_by_ep(ep2_run, dp2_ep2_run):
     full_bytes = sum(w.numel() * 4 for w in workers.make_model("topk").moe.experts.expert_weights().values())
     # ep=2 splits the expert stacks (weights and biases) in two; FSDP then halves them again over dp=2.

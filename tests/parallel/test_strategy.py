@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from moelab.models.build import build_model as model_of
+from moelab.moe.errors import ConfigError
 from moelab.moe.routed import moe_layers
 from moelab.tasks.checkpoint_io import load_model, read_model_state
 
@@ -155,3 +156,13 @@ def test_two_ranks_log_the_statistics_of_one_process_on_the_concatenated_batch(t
         assert sum(first_b.histogram_value.bucket) == 32 * 16 * 2  # images × patches × k: all 32 images
         for image_tag in (specialisation_tag(layer, "expert_class"), LOAD_HEATMAP_TAG):
             assert a.Images(image_tag)[-1].encoded_image_string == b.Images(image_tag)[-1].encoded_image_string
+
+
+def test_the_strategy_turns_param_dtype_into_fsdp2s_policy():
+    from moelab.parallel.strategy import FSDPExpertParallelStrategy
+
+    policy = FSDPExpertParallelStrategy(param_dtype="bf16").mp_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert FSDPExpertParallelStrategy().mp_policy.param_dtype is None
+    with pytest.raises(ConfigError, match="param_dtype=int8 must be null, bf16 or fp16"):
+        FSDPExpertParallelStrategy(param_dtype="int8")

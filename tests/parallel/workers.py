@@ -115,9 +115,38 @@ def numerics_worker(rank: int, world: int, ep: int, port: int, out: str, save_di
                 outputs = [torch.empty_like(y) for _ in range(world)]
                 dist.all_gather(outputs, y.detach())
                 results["outputs"] = torch.cat(outputs)
+    if world == 2:
+        results["bf16"] = bf16_params_step(mesh, x.chunk(world)[rank], ids.chunk(world)[rank], rank, world)
     if rank == 0:
         torch.save(results, out)
     finish()
+
+
+def bf16_params_step(mesh, x: torch.Tensor, ids: torch.Tensor, rank: int, world: int) -> dict:
+    """One topk step under FSDP2's bf16 parameter policy (trainer.strategy.param_dtype=bf16):
+    the dtypes the dense and expert weights have during the forward, the mean loss, and the
+    dtypes of the sharded master weights and their gradients."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from moelab.parallel.fsdp_ep import parallelize
+
+    model = make_model("topk")
+    seen = {}
+
+    def record(name: str, weight: str):
+        def hook(module: nn.Module, args) -> None:  # after FSDP's own pre-forward hook has gathered
+            seen.setdefault(name, getattr(module, weight).dtype)
+        return hook
+
+    parallelize(model, mesh, MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    model.proj.register_forward_pre_hook(record("dense", "weight"))
+    model.moe.experts.register_forward_pre_hook(record("experts", "w1_EDF"))
+    loss = forward_loss(model, x, ids, 100 + rank)
+    loss.backward()
+    mean_loss = loss.detach().float().clone()
+    dist.all_reduce(mean_loss)
+    return {"forward": seen, "loss": mean_loss.item() / world,
+            "master": {p.dtype for p in model.parameters()}, "grads": {p.grad.dtype for p in model.parameters()}}
 
 
 def load_worker(rank: int, world: int, ep: int, port: int, out: str, checkpoint: str) -> None:

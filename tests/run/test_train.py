@@ -18,6 +18,7 @@ from moelab.moe.errors import ConfigError
 from moelab.run.train import run
 
 from ..conftest import ROOT, compose_config
+from ..stops import RecordWeights
 
 FAST = ("debug=default", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
 
@@ -234,12 +235,17 @@ def strict_json(path: Path) -> dict:
     return json.loads(path.read_text(), parse_constant=refuse)
 
 
-def test_divergence_stops_at_that_step_names_the_router_and_keeps_the_good_checkpoint(tmp_path, recwarn):
-    # Epoch 0 (steps 0-3) ends with a checkpoint; step 5 makes layer 1's router logits inf.
+@pytest.mark.parametrize("log_every", [1, 1000], ids=["checked_every_step", "found_at_the_epoch_end_save"])
+def test_divergence_stops_at_that_step_names_the_router_and_keeps_the_good_checkpoint(tmp_path, recwarn, log_every):
+    """Epoch 0 (steps 0-3) ends with a checkpoint; step 5 makes layer 1's router logits inf.
+    The guard decides on the device: logging every step, the host sees it at step 5; logging
+    every 1000 steps, only when epoch 1 ends (step 8) and its checkpoint is due. Either way the
+    run names step 5 and its cause, the updates from step 5 on were skipped, and no checkpoint
+    after step 4 exists."""
     cfg = compose_config(
-        tmp_path, *FAST, "trainer.limit_train_batches=4", "trainer.max_epochs=3", "trainer.log_every_n_steps=1",
+        tmp_path, *FAST, "trainer.limit_train_batches=4", "trainer.max_epochs=3", f"trainer.log_every_n_steps={log_every}",
         "callbacks.collapse_alarm.patience=1", "+callbacks.poison._target_=tests.stops.PoisonRouterAt",
-        "+callbacks.poison.step=5",
+        "+callbacks.poison.step=5", "+callbacks.weights._target_=tests.stops.RecordWeights",
     )
     with pytest.raises(SystemExit) as stop:
         run(cfg)
@@ -255,6 +261,10 @@ def test_divergence_stops_at_that_step_names_the_router_and_keeps_the_good_check
         state = torch.load(checkpoint, weights_only=True)
         assert state["global_step"] == 4
         assert all(torch.isfinite(t).all() for t in state["state_dict"].values() if t.is_floating_point())
+    after = RecordWeights.last.after_steps  # the weights after n optimizer steps
+    assert max(after) == (8 if log_every == 1000 else 5)
+    for steps in range(6, max(after) + 1):  # step 5 on were skipped on the device (the poisoned weight aside)
+        assert all(torch.equal(a, b) for a, b in zip(after[steps], after[5]) if torch.isfinite(a).all())
     alarms = [str(w.message) for w in recwarn if "dead experts at step" in str(w.message)]
     assert not [a for a in alarms if int(a.split("dead experts at step ")[1].split(":")[0]) >= 5]  # quiet on the NaN step
 

@@ -25,10 +25,10 @@ def _fast(base: list[str], steps: int) -> list[str]:
         f"trainer.limit_train_batches={steps}", "test=false"]
 
 
-def _graphs_of_compiled_run(folder, overrides) -> int:
+def _graphs_of_compiled_run(folder, overrides, mode: str = "true") -> int:
     torch._dynamo.reset()
     counters.clear()
-    run(compose_config(folder, *overrides, "task.compile=true", "task.compile_backend=eager"))
+    run(compose_config(folder, *overrides, f"task.compile={mode}", "task.compile_backend=eager"))
     return counters["stats"]["unique_graphs"]
 
 
@@ -46,6 +46,19 @@ def test_compiled_blocks_train_like_eager_without_a_recompile_per_step(tmp_path,
         # Routing's shapes do not depend on the data: 4 steps compile the same graphs as 12
         # (training and evaluation variants, the fp32 grouped matmul's graph breaks included).
         assert graphs_12 == _graphs_of_compiled_run(tmp_path / "four", _fast(base, 4)) > 0
+
+
+def test_the_whole_model_compiled_trains_like_eager(tmp_path):
+    """task.compile=model: one compiled forward for the LM, its chunked loss head included."""
+    run(compose_config(tmp_path / "eager", *_fast(LM_FAST, 6)))
+    graphs = _graphs_of_compiled_run(tmp_path / "compiled", _fast(LM_FAST, 6), mode="model")
+    eager = json.loads((tmp_path / "eager" / "metrics.json").read_text())
+    compiled = json.loads((tmp_path / "compiled" / "metrics.json").read_text())
+    assert graphs > 0 and compiled["step"] == eager["step"] == 6
+    for name in ("train/loss", "val/loss"):
+        assert compiled[name] == pytest.approx(eager[name], rel=1e-5, abs=1e-6), name
+    assert "task.compile=everything must be false, blocks (or true) or model" in one_line_error(
+        compose_config(tmp_path / "bad", *VIT_FAST, "task.compile=everything"))
 
 
 def test_compile_needs_transformer_blocks(tmp_path, monkeypatch):

@@ -61,6 +61,25 @@ def _distributed(trainer: L.Trainer) -> bool:
     return trainer.world_size > 1 and is_distributed()
 
 
+class StopVote:
+    """Whether any rank was asked to stop, agreed by all ranks at an optimizer-step boundary:
+    one all-reduce of a flag over a CPU (gloo) group, so no rank waits on its GPU's queue
+    for it (the default NCCL group would copy the flag to the device and back, a host sync
+    per step). Collective: every rank calls `start` and then `any` at the same points."""
+
+    def __init__(self) -> None:
+        self.group: Any = None
+
+    def start(self) -> None:
+        if is_distributed() and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")
+
+    def any(self, flag: bool) -> bool:
+        vote = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(vote[0])
+
+
 def parameters_finite(module: torch.nn.Module) -> bool:
     """Whether every parameter (this rank's shards) is finite; one host sync."""
     locals_ = [local_part(p).detach() for p in module.parameters()]
@@ -79,7 +98,7 @@ class LastCheckpoint(Checkpoint):
       callback set `trainer.should_stop`;
     - when the run is stopped: on SIGINT or SIGTERM the fit stops at the next optimizer-step
       boundary and saves there (several ranks agree on that step with one all-reduce of a
-      flag per step); on an exception it saves the last completed step (on one process; with
+      flag per step, on the CPU); on an exception it saves the last completed step (on one process; with
       several ranks only a signal-driven stop, which every rank takes at the same step, can
       save, since other ranks may be blocked in a collective).
 
@@ -101,6 +120,7 @@ class LastCheckpoint(Checkpoint):
         self._in_batch = self._updating = False
         self._batch_idx = 0
         self._rewind = False
+        self._vote = StopVote()
 
     @property
     def path(self) -> Path:
@@ -143,6 +163,8 @@ class LastCheckpoint(Checkpoint):
     # -- when to save --------------------------------------------------------------------
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if _distributed(trainer):
+            self._vote.start()
         # After Lightning registered its own handlers; its teardown restores the originals.
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -173,8 +195,8 @@ class LastCheckpoint(Checkpoint):
         stop = self.signal is not None
         if _distributed(trainer):
             # A signal reaches the ranks at different moments: agree on the step to stop at
-            # (one all-reduce of a flag per optimizer step).
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            # (one all-reduce of a flag on the CPU per optimizer step).
+            stop = self._vote.any(stop)
         if stop and not self._stop_requested:
             # Lightning's SIGTERM flag: with it set on every rank, Lightning raises
             # SIGTERMException on all of them right after this batch (after a validation that
@@ -256,6 +278,9 @@ class LastCheckpoint(Checkpoint):
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run or not self._has_new_state(trainer):
             return
+        guard = getattr(pl_module, "guard", None)  # a moelab task's divergence guard: raises Diverged
+        if guard is not None:
+            guard.check(pl_module)
         finite = trainer.strategy.reduce_boolean_decision(parameters_finite(pl_module), all=True)
         if not finite:
             rank_zero_warn(f"moelab: not saving {self.path}: the weights at step {trainer.global_step} are not finite")

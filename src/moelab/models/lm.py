@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelab.models.linear_cross_entropy import linear_cross_entropy
 from moelab.models.placement import expert_width, moe_layer_indices
 from moelab.moe.attention import MixtureOfAttention, apply_rope, rope_angles  # noqa: F401 - RoPE lives there
 from moelab.moe.errors import ConfigError
@@ -191,12 +192,18 @@ class MoELM(nn.Module):
                     "e.g. router=topk without capacity_factor (router.capacity_factor=null router.eval_capacity_factor=null)"
                 )
 
-    def forward(self, token_ids_BL: Tensor) -> Tensor:
-        """Next-token logits (B, L, V) for token ids (B, L)."""
+    def forward(self, token_ids_BL: Tensor, targets_BL: Tensor | None = None) -> Tensor:
+        """Next-token logits (B, L, V) for token ids (B, L); with `targets_BL`, instead the mean
+        next-token cross-entropy, computed with the head in row chunks so that the (B·L, V)
+        logits never exist whole (moelab.models.linear_cross_entropy). Inside `forward`, so
+        that FSDP has the head's weight gathered."""
         x_BLD = self.embed(token_ids_BL)
         for block in self.blocks:
             x_BLD = block(x_BLD, token_ids_BL)
-        return self.head(self.final_norm(x_BLD))
+        h_BLD = self.final_norm(x_BLD)
+        if targets_BL is not None:
+            return linear_cross_entropy(h_BLD.flatten(0, 1), self.head.weight, targets_BL.flatten())
+        return self.head(h_BLD)
 
     @torch.no_grad()
     def generate(

@@ -35,19 +35,22 @@ def active_parameters(model: nn.Module) -> int:
     return total
 
 
-def collect_aux_losses(model: nn.Module) -> tuple[Tensor | None, dict[str, Tensor]]:
+def collect_aux_losses(model: nn.Module, per_name: bool = True) -> tuple[Tensor | None, dict[str, Tensor]]:
     """The one place auxiliary losses are summed: (total weighted loss over all layers,
-    unweighted value of each named loss averaged over layers)."""
+    unweighted value of each named loss averaged over layers; `per_name=False` skips the
+    averages, which only logging reads, and returns {})."""
     layers = [m for m in routed_layers(model) if m.aux_loss is not None]
     if not layers:
         return None, {}
     total = sum(m.aux_loss for m in layers)
+    if not per_name:
+        return total, {}
     names = {name for m in layers for name in m.aux_losses}
-    per_name = {
+    per_name_values = {
         name: torch.stack([m.aux_losses[name] for m in layers if name in m.aux_losses]).mean()
         for name in sorted(names)
     }
-    return total, per_name
+    return total, per_name_values
 
 
 def after_optimizer_step(model: nn.Module) -> None:

@@ -51,6 +51,7 @@ class _Run:
     lr: float | None = None
     started: float = 0.0
     fit_started: bool = False
+    diverged_at: int | None = None  # the step a diverged run's guard named (found at a later check)
 
     def metrics(self) -> dict[str, Any]:
         if self.trainer is None:
@@ -58,6 +59,8 @@ class _Run:
         return {name: float(value) for name, value in self.trainer.callback_metrics.items()}
 
     def step(self) -> int | None:
+        if self.diverged_at is not None:
+            return self.diverged_at
         return None if self.trainer is None else self.trainer.global_step
 
     def newest_checkpoint(self) -> tuple[str, str] | None:
@@ -136,6 +139,7 @@ def _report(exc: BaseException, run_state: _Run) -> None:
     if isinstance(exc, SystemExit):
         raise exc  # not ours to reinterpret
     if isinstance(exc, Diverged):
+        run_state.diverged_at = exc.step
         newest = run_state.newest_checkpoint()
         good = f"last good checkpoint: {newest[0]} ({newest[1]})" if newest else "no checkpoint was written before it"
         status, reason = DIVERGED, f"{exc}; {good}"

@@ -1,9 +1,10 @@
 """What every MoE task shares: auxiliary losses into the training loss, per-step router
-updates, AdamW with warm-up + cosine, and the guard that stops a diverging run."""
+updates, AdamW with warm-up + cosine, the guard that stops a diverging run, and training
+metrics that reach the host only on logging steps."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import lightning as L
 import torch
@@ -14,9 +15,9 @@ from moelab.moe.errors import ConfigError
 from moelab.moe.routed import after_optimizer_step, collect_aux_losses
 from moelab.parallel.fsdp_ep import clip_grads_, parallelize, sharded_grad_norm
 from moelab.tasks.checkpoint_io import CONFIG_KEY
-from moelab.tasks.divergence import Diverged, first_nonfinite
+from moelab.tasks.divergence import DivergenceGuard
 from moelab.tasks.finetune import freeze as freeze_groups
-from moelab.tasks.optim import adamw_param_groups, warmup_cosine
+from moelab.tasks.optim import adamw, adamw_param_groups, warmup_cosine
 
 
 def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -32,28 +33,73 @@ class MoETask(L.LightningModule):
     """Base LightningModule: subclasses set `self.model`, save hyperparameters `lr`,
     `weight_decay`, `betas`, `warmup_steps`, `min_lr_ratio`, and call `add_aux_losses`.
 
-    Every optimizer step logs `train/grad_norm` (before clipping) and checks it and the
-    loss: a non-finite value raises `moelab.tasks.divergence.Diverged` before the optimizer step (so the
-    weights stay those of the last finite step), naming what turned non-finite first. The
-    check reads one number back from the device per step.
+    A training step queues device work and returns: it reads nothing back from the device.
+    Its metrics (`log_step`) go to Lightning only on the steps Lightning writes them
+    (`trainer.log_every_n_steps`), `train/grad_norm` (before clipping) among them. The
+    divergence guard (moelab.tasks.divergence) decides on the device: a step with a
+    non-finite loss or gradient norm is skipped by the fused optimizer, and the run ends
+    with `Diverged` at the next logging step, checkpoint or end of the fit, naming the step
+    and what turned non-finite first. Optimizers without a device-side skip (an fp16 loss
+    scaler, a device without fused AdamW) check on the host every step instead.
     """
 
     model: nn.Module
     _step_loss: Tensor | None = None
-    _step_batch: Any = None
+    _guard: DivergenceGuard | None = None
+    _host_checked = False  # the optimizer cannot skip a step on the device: check each step
+
+    @property
+    def guard(self) -> DivergenceGuard:
+        if self._guard is None:
+            self._guard = DivergenceGuard()
+        return self._guard
+
+    def log_due(self) -> bool:
+        """Whether this training step's metrics are logged: on the steps Lightning writes step
+        metrics (every `trainer.log_every_n_steps`, and when the fit stops), and on the fit's
+        last step, whose values `metrics.json` records. Values logged on other steps would
+        still be read back from the device (Lightning turns progress-bar metrics into numbers
+        after every batch)."""
+        if self._trainer is None:
+            return True
+        trainer = self.trainer
+        connector = getattr(trainer, "_logger_connector", None)
+        if getattr(connector, "should_update_logs", True) or trainer.fast_dev_run:
+            return True
+        if 0 <= trainer.max_steps <= trainer.global_step + 1:
+            return True
+        max_epochs = trainer.max_epochs
+        return bool(trainer.is_last_batch) and max_epochs is not None and 0 <= max_epochs <= trainer.current_epoch + 1
+
+    metrics_logged_at: int | None = None
+    """The optimizer step whose training metrics were logged last (the progress bar reads
+    them once per such step: moelab.callbacks.progress)."""
+
+    def log_step(self, values: Mapping[str, Any]) -> None:
+        """Training metrics of this step, handed to Lightning when a log is due (`log_due`).
+        Callers compute values that cost more than the loss only when `log_due()`."""
+        if values and self.log_due():
+            self.log_dict(dict(values))
+            if self._trainer is not None:
+                self.metrics_logged_at = self.trainer.global_step
 
     def configure_model(self) -> None:
         """Under FSDPExpertParallelStrategy: split experts over ep and shard with FSDP2
-        (idempotent; a no-op for single-device and DDP runs, which have no mesh). Then, with
-        `task.compile=true`, compile each transformer block."""
+        (idempotent; a no-op for single-device and DDP runs, which have no mesh), with the
+        strategy's mixed-precision policy. Then `task.compile`: each transformer block, or
+        the whole model."""
         if self.device_mesh is not None:
-            parallelize(self.model, self.device_mesh)
+            parallelize(self.model, self.device_mesh, getattr(self.trainer.strategy, "mp_policy", None))
         if self._compile_backend is not None and not getattr(self.model, "_moelab_compiled", False):
-            for block in transformer_blocks(self.model):
-                block.compile(backend=self._compile_backend)
+            if self._compile_mode == "model":
+                self.model.compile(backend=self._compile_backend)
+            else:
+                for block in transformer_blocks(self.model):
+                    block.compile(backend=self._compile_backend)
             self.model._moelab_compiled = True
 
     _compile_backend: str | None = None
+    _compile_mode: str = "blocks"
 
     run_config: dict[str, Any] | None = None
     """The run's composed config (set by moelab.run.train): every checkpoint carries it under
@@ -83,10 +129,6 @@ class MoETask(L.LightningModule):
                 for summary in hparams(params, {name: 0.0 for name in self.hparams_metrics}):
                     writer.add_summary(summary)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.run_config is not None:
-            checkpoint[CONFIG_KEY] = self.run_config
-
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
         """Lightning's loader, with the model built from the config the checkpoint carries
@@ -105,15 +147,19 @@ class MoETask(L.LightningModule):
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                             strict=strict, **kwargs)
 
-    def compile_blocks(self, compile: bool = False, backend: str = "inductor") -> None:
-        """`task.compile`: torch.compile every transformer block (`model.blocks`, or a ViT's
-        `model.vit.blocks`) when the model is configured, per block as torchtitan does, so a
-        recompile stays local to one block."""
-        if not compile:
+    def compile_blocks(self, compile: bool | str = False, backend: str = "inductor") -> None:
+        """`task.compile`: `blocks` (or true) compiles every transformer block (`model.blocks`,
+        or a ViT's `model.vit.blocks`) when the model is configured, per block as torchtitan
+        does, so a recompile stays local to one block; `model` compiles the model's whole
+        forward (the LM's loss head included), as a plain training loop would."""
+        if compile is False or compile is None:
             return
-        if not transformer_blocks(self.model):
+        mode = "blocks" if compile is True else compile
+        if mode not in ("blocks", "model"):
+            raise ConfigError(f"task.compile={compile} must be false, blocks (or true) or model")
+        if mode == "blocks" and not transformer_blocks(self.model):
             raise ConfigError(f"task.compile=true compiles transformer blocks; {type(self.model).__name__} has none")
-        self._compile_backend = backend
+        self._compile_backend, self._compile_mode = backend, mode
 
     aux_loss_scale: float = 1.0
 
@@ -162,24 +208,35 @@ class MoETask(L.LightningModule):
             raise ConfigError(f"the teacher's logits are {tuple(teacher_logits.shape)}, the student's "
                               f"{tuple(student_logits.shape)}: distil from a model of the same data and classes")
         kl = distillation_kl(student_logits, teacher_logits, self.distill_temperature)
-        self.log("train/distill_kl", kl)
+        self.log_step({"train/distill_kl": kl})
         return (1 - self.distill_weight) * ce + self.distill_weight * kl
 
     def add_aux_losses(self, task_loss: Tensor) -> Tensor:
         """task loss + aux_loss_scale × Σ weighted aux losses of every MoE layer; logs each
         aux loss by name (`train/aux/<name>`, unweighted, mean over layers)."""
-        aux_total, aux_by_name = collect_aux_losses(self.model)
-        self.log_dict({f"train/aux/{name}": value for name, value in aux_by_name.items()})
+        aux_total, aux_by_name = collect_aux_losses(self.model, per_name=self.log_due())
+        self.log_step({f"train/aux/{name}": value for name, value in aux_by_name.items()})
         loss = task_loss if aux_total is None else task_loss + self.aux_loss_scale * aux_total
         self._step_loss = loss.detach()
         return loss
 
+    def on_train_start(self) -> None:
+        self.guard.start(self.trainer.global_step, self.device)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_batch = batch  # for the divergence diagnosis (a reference, no copy)
+        self.guard.keep(self.trainer.global_step, batch)  # for the divergence diagnosis (a reference, no copy)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.guard.check(self)  # never a checkpoint of a run that diverged
+        if self.run_config is not None:
+            checkpoint[CONFIG_KEY] = self.run_config
+
+    def on_train_end(self) -> None:
+        self.guard.check(self)  # a fit that diverged after its last check does not end ok
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Measure the global gradient norm (sharded runs: over the expert and dense meshes),
-        stop on a non-finite loss or norm, then clip as configured."""
+        hand the divergence guard its verdict, then clip as configured."""
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         loss = self._step_loss if self._step_loss is not None else torch.zeros(())
         # loss × 0 is 0, or NaN when the loss is not finite: it poisons the norm, so one
@@ -195,12 +252,16 @@ class MoETask(L.LightningModule):
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             # fp16 loss scaling skips steps with non-finite gradients by itself: only the loss
             # counts, and it is this rank's own, so ranks agree on it (one more all-reduce).
-            finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(poison)), all=True)
+            if not self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(poison)), all=True):
+                self.guard.update(loss, poison)
+                self.guard.check(self)
         else:
-            finite = bool(torch.isfinite(grad_norm))
-        if not finite:
-            raise Diverged(self.trainer.global_step, self._divergence_report(loss, grad_norm))
-        self.log("train/grad_norm", grad_norm)
+            found_inf = self.guard.update(loss, grad_norm)
+            if self._host_checked or self.log_due():
+                self.guard.check(self)  # raises before this step if any step so far was not finite
+            if not self._host_checked:
+                optimizer.found_inf = found_inf  # the fused AdamW skips a non-finite step on the device
+        self.log_step({"train/grad_norm": grad_norm})
         if not gradient_clip_val:
             return
         if gradient_clip_algorithm == "value":
@@ -209,24 +270,14 @@ class MoETask(L.LightningModule):
             return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
         clip_grads_(params, gradient_clip_val, grad_norm)
 
-    def _divergence_report(self, loss: Tensor, grad_norm: Tensor) -> str:
-        what = f"loss {float(loss):.4g}, gradient norm {float(grad_norm):.4g}"
-        if self._step_batch is None:
-            return what
-        try:
-            culprit = first_nonfinite(self, self._step_batch)
-        except Exception as exc:  # noqa: BLE001 - the divergence is the news, not the diagnosis
-            culprit = f"(the diagnosis failed: {type(exc).__name__})"
-        return f"{what}; {culprit}"
-
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         after_optimizer_step(self.model)
 
     def configure_optimizers(self):
         hp = self.hparams
-        groups = adamw_param_groups(self.model, hp.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        optimizer, fused = adamw(adamw_param_groups(self.model, hp.weight_decay), hp.lr, tuple(hp.betas))
+        self._host_checked = not fused  # only the fused kernel reads `found_inf`
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = warmup_cosine(optimizer, min(hp.warmup_steps, total_steps), total_steps, hp.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

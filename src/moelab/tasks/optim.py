@@ -1,4 +1,5 @@
-"""AdamW with weight decay on matrices only, and a linear warm-up into a cosine decay."""
+"""AdamW with weight decay on matrices only (fused where the device has the kernel), and a
+linear warm-up into a cosine decay."""
 
 from __future__ import annotations
 
@@ -28,6 +29,17 @@ def adamw_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> tuple[torch.optim.AdamW, bool]:
+    """(AdamW over `groups`, whether it is torch's fused one). The fused kernel updates every
+    parameter in a few launches and skips a step on the device when `optimizer.found_inf`
+    is 1 (the divergence guard's flag); where it does not run (a device without it,
+    parameters it does not take) the multi-tensor implementation serves."""
+    try:
+        return torch.optim.AdamW([dict(g) for g in groups], lr=lr, betas=betas, fused=True), True
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW([dict(g) for g in groups], lr=lr, betas=betas), False
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1):

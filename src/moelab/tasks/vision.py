@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from moelab.tasks.base import MoETask
@@ -32,7 +33,7 @@ class ImageClassification(MoETask):
         aux_loss_scale: float = 1.0,
         distill_weight: float = 0.5,
         distill_temperature: float = 2.0,
-        compile: bool = False,
+        compile: bool | str = False,
         compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
@@ -41,9 +42,9 @@ class ImageClassification(MoETask):
         self.model = model
         self.fine_tune(freeze, aux_loss_scale)
         self.compile_blocks(compile, compile_backend)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # Evaluation metrics accumulate on the device and are read once, at the epoch's end.
+        self.eval_loss = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
+        self.eval_acc = nn.ModuleDict({stage: MulticlassAccuracy(num_classes, average="micro") for stage in ("val", "test")})
         self.throughput = Throughput("images_per_s")
         self._flops_per_image: float | None = None
 
@@ -59,9 +60,10 @@ class ImageClassification(MoETask):
         else:
             ce = F.cross_entropy(logits, labels)
         loss = self.add_aux_losses(self.with_teacher(ce, logits, images))
-        self.train_acc(logits, labels)
         self.throughput.step(self, images.shape[0], self._image_flops())
-        self.log_dict({"train/loss": loss, "train/ce": ce, "train/acc": self.train_acc}, prog_bar=True)
+        if self.log_due():  # the batch's accuracy, computed only when it is logged
+            accuracy = (logits.detach().argmax(-1) == labels).float().mean()
+            self.log_step({"train/loss": loss, "train/ce": ce, "train/acc": accuracy})
         return loss
 
     def _image_flops(self) -> float | None:
@@ -76,15 +78,25 @@ class ImageClassification(MoETask):
     def on_train_epoch_start(self) -> None:
         self.throughput.restart()
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, accuracy: MulticlassAccuracy) -> None:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         images, labels = batch
         logits = self(images)
-        accuracy(logits, labels)
-        self.log(f"{stage}/loss", F.cross_entropy(logits, labels), prog_bar=True, sync_dist=True)
-        self.log(f"{stage}/acc", accuracy, prog_bar=True)
+        self.eval_loss[stage].update(F.cross_entropy(logits, labels), weight=labels.shape[0])
+        self.eval_acc[stage].update(logits, labels)
+
+    def _log_epoch(self, stage: str) -> None:
+        """`<stage>/loss` (mean cross-entropy over every evaluated image) and `<stage>/acc`,
+        over all ranks' images (the metrics' compute() reduces across ranks)."""
+        self.log_dict({f"{stage}/loss": self.eval_loss[stage], f"{stage}/acc": self.eval_acc[stage]}, prog_bar=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val", self.val_acc)
+        self._evaluate(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test", self.test_acc)
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
