@@ -9,7 +9,9 @@ scatter-add on the CPU); the same layer forced onto row gathers, then onto the g
 index + scatter-add path (`moelab.moe.routing.GATHER_ROWS = True / False`); the
 same with parameters in the compute dtype (as HF's column has them; the other moelab
 columns keep fp32 parameters under autocast, as mixed-precision training does); Hugging
-Face's MixtralSparseMoeBlock (if `transformers` is installed); moelab expert choice and
+Face's MixtralSparseMoeBlock (if `transformers` is installed); the 30-line reference layer
+(moelab.bench.reference: sort, three `_grouped_mm`, `index_add_`); on a GPU, moelab with the
+Triton kernel of the experts' first half (`expert.kernel=triton`); moelab expert choice and
 Soft MoE at the same active FLOPs (k·T expert rows). Each cell: milliseconds, and
 dense_ms / layer_ms in brackets (1.0 = as fast as dense). Gradients are cleared before
 every step, as `zero_grad(set_to_none=True)` does. The columns take turns step by step
@@ -27,6 +29,7 @@ from functools import partial
 
 import torch
 
+from moelab.bench.reference import ReferenceMoE
 from moelab.bench.timing import CompileFailed, on_path, step_timer, timed, timed_side_by_side, try_compile
 from moelab.moe import ExpertChoiceRouter, GroupedExperts, MoELayer, SoftMoERouter, TopKRouter
 from moelab.moe.experts import DenseFFN
@@ -66,7 +69,9 @@ def main() -> None:
     print(f"device: {name}, torch {torch.__version__}, {dtype}, T={args.tokens}, d={args.d_model}, fwd+bwd, "
           f"median of {args.steps}, HF experts={args.hf_experts}")
     labels = {"dense": "dense", "moelab": "moelab", "gather": "moelab gather path", "scatter": "moelab scatter path", "weights": f"moelab {str(dtype)[6:]} weights",
-              "hf": "HF Mixtral", "ec": "expert choice", "soft": "soft"}
+              "hf": "HF Mixtral", "ref": "30-line reference", "ec": "expert choice", "soft": "soft"}
+    if cuda:
+        labels["triton"] = "moelab triton kernel"
     if args.compile:
         labels |= {"compiled": "moelab compiled", "compiled_scatter": "compiled scatter path"}
     print("| E | k | F | dense ms | " + " | ".join(f"{labels[key]} ms (dense/it)" for key in list(labels)[1:]) + " |")
@@ -89,10 +94,13 @@ def main() -> None:
             # HF's grouped_mm path casts its input to the weights' dtype (it ignores autocast),
             # so it gets bf16 parameters; the other moelab columns keep fp32 master weights.
             "hf": hf_mixtral(args.d_model, hidden, experts, k, args.hf_experts),
+            "ref": ReferenceMoE(args.d_model, hidden, experts, k).to(device),
             "ec": MoELayer(args.d_model, hidden, partial(ExpertChoiceRouter, capacity_factor=float(k)), swiglu).to(device),
             "soft": MoELayer(args.d_model, hidden, partial(SoftMoERouter, slots_per_expert=max(1, k * args.seq_len // experts)),
                              swiglu).to(device),
         }
+        if cuda:  # gather + gate/up + SwiGLU in one Triton kernel (expert.kernel=triton)
+            runs["triton"] = MoELayer(args.d_model, hidden, partial(TopKRouter, k=k), partial(swiglu, kernel="triton")).to(device)
         if args.compile:
             runs["compiled"] = try_compile(topk)
             runs["compiled_scatter"] = on_path(try_compile(topk), False)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU measurement of docs/benchmarks.md in one command, for a GPU machine that is lent
-# for minutes: the MoE layer against dense and Hugging Face (with a profile of the worst
-# shape), end-to-end training throughput and MFU eager and compiled, and the platform's own
-# train.py on the GPU. Each step has its own time limit, so one slow step costs only itself.
+# for minutes: the Triton kernel's tests on the GPU, the MoE layer against dense, the 30-line
+# reference and Hugging Face (with a profile of the worst shape), end-to-end training
+# throughput and MFU (plain loop, bare and user's run side by side) compiled per block and
+# whole, and the platform's own train.py on the GPU. Each step has its own time limit, so one
+# slow step costs only itself. The default steps fit a 15-minute lease; the others run when named.
 #
 #     bash scripts/gpu_checks.sh [log folder]      # default outputs/gpu_checks
 #     STEPS="layer train_eager" bash scripts/gpu_checks.sh    # some steps only
@@ -32,13 +34,15 @@ latest_metrics() {  # the newest run's metrics.json, if any
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name(), "cuda", torch.version.cuda)' \
     | tee "$LOGS/env.log"
 
-STEPS=${STEPS:-grouped_mm layer train_eager train_compiled lm_pystdlib vit_gpu fsdp_ep}
+STEPS=${STEPS:-kernels layer train_compiled train_model}
 for name in $STEPS; do
     case $name in
+    kernels) step kernels 120 python3 -m pytest -q -p no:cacheprovider tests/moe/test_kernels.py ;;
     grouped_mm) step grouped_mm 60 python3 scripts/grouped_mm_dtypes.py ;;
     layer) step layer 150 python3 scripts/bench_moe_layer.py --compile --profile ;;
-    train_eager) step train_eager 90 python3 scripts/bench_train.py --random-tokens outputs/random_tokens --profile ;;
-    train_compiled) step train_compiled 130 python3 scripts/bench_train.py --random-tokens outputs/random_tokens --compile ;;
+    train_eager) step train_eager 200 python3 scripts/bench_train.py --random-tokens outputs/random_tokens --profile ;;
+    train_compiled) step train_compiled 240 python3 scripts/bench_train.py --random-tokens outputs/random_tokens --compile ;;
+    train_model) step train_model 240 python3 scripts/bench_train.py --random-tokens outputs/random_tokens --compile-model ;;
     lm_pystdlib) step lm_pystdlib 90 python3 train.py experiment=lm_pystdlib trainer=gpu && latest_metrics ;;
     vit_gpu) step vit_gpu 50 python3 train.py trainer=gpu && latest_metrics ;;
     fsdp_ep) step fsdp_ep 50 python3 train.py trainer=fsdp_ep ep=1 trainer.max_epochs=3 && latest_metrics ;;

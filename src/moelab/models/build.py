@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from moelab.models import sizes  # noqa: F401 - the ${moelab.*:} resolvers that size the model
 from moelab.moe.errors import ConfigError
 
 # model.* settings of sparse upcycling: read by `init_from`, not passed to the model class.

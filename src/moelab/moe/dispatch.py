@@ -48,19 +48,24 @@ def token_choice_routing(
     num_tokens, top_k = selected_experts_TK.shape
     num_experts = router_logits_TE.shape[1]
     device = selected_experts_TK.device
-    token_order_T = torch.arange(num_tokens, device=device)
-    if priority_T is not None:
-        token_order_T = torch.argsort(priority_T, descending=True, stable=True)
-    # A = K·T assignments, choice-major, tokens in queue order.
-    expert_A = selected_experts_TK[token_order_T].t().reshape(-1)
-    weight_A = weights_TK[token_order_T].t().reshape(-1)
-    token_A = token_order_T.repeat(top_k)
-    active_A = None if active_TK is None else active_TK[token_order_T].t().reshape(-1)
+    # The queue: tokens in batch order, or by decreasing priority (None: batch order, which
+    # needs no reordering of the (T, K) tensors).
+    token_order_T = None if priority_T is None else torch.argsort(priority_T, descending=True, stable=True)
+
+    def queued(values_TK: Tensor) -> Tensor:
+        """(T, K) by token -> (A,) of A = K·T assignments, choice-major, tokens in queue order."""
+        return (values_TK if token_order_T is None else values_TK[token_order_T]).t().reshape(-1)
+
+    expert_A, weight_A = queued(selected_experts_TK), queued(weights_TK)
+    token_A = (torch.arange(num_tokens, device=device) if token_order_T is None else token_order_T).repeat(top_k)
+    active_A = None if active_TK is None else queued(active_TK)
 
     def to_token_layout(values_A: Tensor) -> Tensor:
         """(A,) in queue order -> (T, K) indexed by token."""
-        out_KT = torch.empty(top_k, num_tokens, dtype=values_A.dtype, device=device)
-        return out_KT.scatter(1, token_order_T.expand(top_k, -1), values_A.reshape(top_k, num_tokens)).t()
+        values_KT = values_A.reshape(top_k, num_tokens)
+        if token_order_T is None:
+            return values_KT.t()
+        return torch.empty_like(values_KT).scatter(1, token_order_T.expand(top_k, -1), values_KT).t()
 
     common = dict(
         router_logits_TE=router_logits_TE,

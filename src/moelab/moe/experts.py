@@ -43,7 +43,10 @@ class GroupedExperts(nn.Module):
     `dropout` acts on the hidden activations. `bias` adds per-expert biases to both
     projections, as timm's MLP and V-MoE's experts have (upcycling a ViT copies them).
 
-    Input rows arrive grouped by expert with `group_sizes_E` rows for expert e.
+    Input rows arrive grouped by expert with `group_sizes_E` rows for expert e. With
+    `kernel="triton"` (SwiGLU and GeGLU experts without biases, on a GPU) the layer hands
+    over the tokens and each row's token instead, and the gather, the gate and up matmuls
+    and the GLU product run as one Triton kernel (moelab.moe.kernels).
     """
 
     def __init__(
@@ -56,9 +59,15 @@ class GroupedExperts(nn.Module):
         num_shared: int = 0,
         dropout: float = 0.0,
         bias: bool = False,
+        kernel: str = "torch",
     ) -> None:
         super().__init__()
         check_num_experts(num_experts)
+        if kernel not in ("torch", "triton"):
+            raise ConfigError(f"expert.kernel={kernel} must be torch or triton")
+        if kernel == "triton" and (activation not in ("swiglu", "geglu") or bias):
+            raise ConfigError(f"expert.kernel=triton fuses the gate and up matmuls of SwiGLU and GeGLU experts without "
+                              f"biases, not activation={activation}, bias={bias}: use expert.kernel=torch")
         if activation not in ACTIVATIONS:
             raise ConfigError(f"expert.activation='{activation}' is unknown: pick one of {', '.join(ACTIVATIONS)}")
         if granularity < 1 or hidden % granularity:
@@ -76,6 +85,7 @@ class GroupedExperts(nn.Module):
         self.num_experts = num_experts * granularity
         self.granularity, self.num_shared = granularity, num_shared
         self.d_model, self.hidden, self.activation = d_model, fine_hidden, activation
+        self.kernel = kernel
         gated = activation != "gelu"
         E = self.num_experts
         self.w1_EDF = nn.Parameter(torch.empty(E, d_model, fine_hidden))
@@ -100,13 +110,21 @@ class GroupedExperts(nn.Module):
             if b is not None:
                 b.zero_()
 
+    @property
+    def gathers_tokens(self) -> bool:
+        """Whether forward takes the (T, D) tokens and each row's token (the fused kernel)."""
+        return self.kernel == "triton"
+
     def forward(self, x_ND: Tensor, group_sizes_E: Tensor | None, merge_GE: Tensor | None = None,
-                per_token: bool = False) -> Tensor:
+                per_token: bool = False, token_index_N: Tensor | None = None) -> Tensor:
         """Routed experts on grouped rows (under expert parallelism: this rank's experts); with
-        `merge_GE`, SMEAR's FFN of merged parameters on the (T, D) tokens (`merged_forward`).
-        Both through this call, so FSDP gathers the weights first."""
+        `token_index_N`, the rows are those tokens of the (T, D) `x_ND` (the Triton kernel
+        gathers them); with `merge_GE`, SMEAR's FFN of merged parameters on the (T, D) tokens
+        (`merged_forward`). All through this call, so FSDP gathers the weights first."""
         if merge_GE is not None:
             return self.merged_forward(x_ND, merge_GE, per_token)
+        if token_index_N is not None:
+            return self._fused_forward(x_ND, token_index_N, group_sizes_E)
         offsets_E = torch.cumsum(group_sizes_E, 0, dtype=torch.int32)
         h_NF = grouped_mm(x_ND, local_part(self.w1_EDF), offsets_E)
         gate_NF = None if self.w3_EDF is None else grouped_mm(x_ND, local_part(self.w3_EDF), offsets_E)
@@ -120,6 +138,20 @@ class GroupedExperts(nn.Module):
             gate_NF = gate_NF + local_part(self.b3_EF)[expert_N].to(gate_NF.dtype)
         y_ND = grouped_mm(self.dropout(_activate(self.activation, h_NF, gate_NF)), local_part(self.w2_EFD), offsets_E)
         return y_ND + local_part(self.b2_ED)[expert_N].to(y_ND.dtype)
+
+    def _fused_forward(self, x_TD: Tensor, token_index_N: Tensor, group_sizes_E: Tensor) -> Tensor:
+        from moelab.moe import kernels
+
+        if not kernels.available(x_TD):
+            raise ConfigError("expert.kernel=triton runs on a CUDA GPU with triton installed (on the CPU only under "
+                              "TRITON_INTERPRET=1, for tests): use expert.kernel=torch here")
+        device_type = x_TD.device.type
+        if torch.is_autocast_enabled(device_type):
+            x_TD = x_TD.to(torch.get_autocast_dtype(device_type))
+        a_NF = kernels.gather_gate_up(x_TD, token_index_N, group_sizes_E, local_part(self.w1_EDF),
+                                      local_part(self.w3_EDF), self.activation)
+        offsets_E = torch.cumsum(group_sizes_E, 0, dtype=torch.int32)
+        return grouped_mm(self.dropout(a_NF), local_part(self.w2_EFD), offsets_E)
 
     def merged_forward(self, x_TD: Tensor, merge_GE: Tensor, per_token: bool) -> Tensor:
         """One FFN per group whose parameters are the experts' merged with weights p (SMEAR,

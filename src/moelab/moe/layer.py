@@ -189,6 +189,9 @@ class MoELayer(nn.Module):
             x_TD = x_TD.to(torch.get_autocast_dtype(x.device.type))
         if isinstance(plan, MergedRouting):  # SMEAR: one FFN of merged parameters, nothing dispatched
             y_TD = self.experts(x_TD, None, merge_GE=plan.merge_GE, per_token=plan.per_token)
+        elif getattr(self.experts, "gathers_tokens", False) and self.expert_exchange is None and isinstance(plan, Routing):
+            # The experts gather each row's token themselves (a fused kernel): no dispatched copy.
+            y_TD = plan.combine(self.experts(x_TD, plan.group_sizes_E, token_index_N=plan.token_index_N))
         else:
             x_ND, group_sizes_E = plan.dispatch(x_TD)
             if self.expert_exchange is None:

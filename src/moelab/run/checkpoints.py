@@ -16,6 +16,8 @@ from moelab.tasks.checkpoint_io import inspect_checkpoint, read_model_state
 # Lightning's own ckpt_path keywords, resolved by Lightning itself.
 LIGHTNING_KEYWORDS = ("last", "hpc", "best", "registry")
 ARCHITECTURE_KEYS = ("experts", "model", "router", "expert")
+# Settings of those groups that change how the same weights are computed, not what they are.
+HOW_NOT_WHAT = ("expert.kernel",)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -33,7 +35,7 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], key
     after = _flatten({k: current.get(k) for k in keys})
     differences = []
     for name in sorted(set(before) | set(after)):
-        if name.endswith("_target_") or name.endswith("_partial_"):
+        if name.endswith("_target_") or name.endswith("_partial_") or name in HOW_NOT_WHAT:
             continue
         if before.get(name) != after.get(name):
             differences.append(f"{name}: checkpoint {before.get(name, '(unset)')}, config {after.get(name, '(unset)')}")
