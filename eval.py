@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 import moelab.run.resolvers  # noqa: F401 - registers the ${moelab.*:} resolvers (light: no torch)
-from moelab.run.cli import require
+from moelab.run.cli import check_run_folder, require
 from moelab.run.errors import one_line_errors
 
 RUN_OVERRIDES: list[str] = []
@@ -25,6 +25,7 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     require(("ckpt_path",), sys.argv[1:], "python eval.py ckpt_path=<checkpoint> [split=val] [data.<key>=...]")
+    check_run_folder(sys.argv[1:])
     with one_line_errors():
         from moelab.use.evaluate import split_run_overrides
 

@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 import moelab.run.resolvers  # noqa: F401 - registers the ${moelab.*:} resolvers before Hydra resolves anything (light: no torch)
-from moelab.run.cli import check_plugins
+from moelab.run.cli import check_plugins, check_run_folder
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -18,4 +18,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     check_plugins(sys.argv[1:])
+    check_run_folder(sys.argv[1:])
     main()

@@ -33,7 +33,7 @@ from moelab.models.build import build_model
 from moelab.moe.errors import ConfigError
 from moelab.moe.lifecycle.merge import METHODS, expert_groups, merged_layer_state
 from moelab.moe.routed import moe_layers
-from moelab.tasks.checkpoint_io import read_model_state, save_model_state
+from moelab.tasks.checkpoint_io import model_from_state, read_model_state, save_model_state
 
 
 class Usage(Callback):
@@ -83,11 +83,8 @@ def main() -> None:
     try:
         # One weights_only load, with the same one-line errors as init_from and teacher.
         weights, config = read_model_state(args.checkpoint, key="checkpoint")
-        if config is None:
-            raise ConfigError(f"{args.checkpoint} carries no run config: merge a checkpoint written by train.py")
+        model = model_from_state(weights, config, "checkpoint", args.checkpoint)  # its stored targets checked
         cfg = OmegaConf.create(config)
-        model = build_model(cfg)
-        model.load_state_dict(weights)
         sharded = Path(args.checkpoint).is_dir()
         usage = Usage()
         base = evaluate(cfg, model, args.split, usage)

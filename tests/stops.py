@@ -13,13 +13,15 @@ import torch
 
 class SignalAt(L.Callback):
     """Send `signum` once, at optimizer step `step`, on rank `rank`: after a training forward
-    pass (as a Ctrl+C or `kill` arriving mid-step would), or during a validation
-    (`during=validation`). To this process, or with `group=true` to its whole process group,
-    as a terminal's Ctrl+C does (loader workers included)."""
+    pass (as a Ctrl+C or `kill` arriving mid-step would), during a validation
+    (`during=validation`) or during the test (`during=test`). To this process, or with
+    `group=true` to its whole process group, as a terminal's Ctrl+C does (loader workers
+    included). `again=true`: a second time, before that step's optimizer step (Ctrl+C twice)."""
 
-    def __init__(self, step: int, signum: str = "SIGINT", rank: int = 0, during: str = "training", group: bool = False) -> None:
+    def __init__(self, step: int, signum: str = "SIGINT", rank: int = 0, during: str = "training", group: bool = False,
+                 again: bool = False) -> None:
         self.step, self.signum, self.rank, self.during, self.group = step, getattr(signal, signum), rank, during, group
-        self.sent = False
+        self.sent, self.again = False, again
 
     def _send(self, trainer: L.Trainer, during: str) -> None:
         if self.sent or during != self.during or trainer.global_step != self.step or trainer.global_rank != self.rank:
@@ -35,6 +37,14 @@ class SignalAt(L.Callback):
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._send(trainer, "validation")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._send(trainer, "test")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.again and self.sent and trainer.global_step == self.step:
+            self.again = False
+            os.kill(os.getpid(), self.signum)
 
 
 class Crash(RuntimeError):

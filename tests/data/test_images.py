@@ -135,3 +135,39 @@ def test_v_moe_last_n_placement():
         moe_layer_indices(4, 2, moe_last=3)
     model = build_model(compose_config(Path("."), "model.moe_last=1"))
     assert model.moe_indices == [3]
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """A JPEG cut in half, as an interrupted copy leaves one."""
+    buffer = path.with_suffix(".full.jpg")
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(buffer, quality=95)
+    data = buffer.read_bytes()
+    buffer.unlink()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_is_named_in_one_line_from_any_loader_process(tmp_path, workers):
+    folder = write_image_folder(tmp_path / "folder")
+    bad = truncated_jpeg(folder / "val" / "dog" / "bad.jpg")  # validation reads every val image
+    line = one_line_error(compose_config(tmp_path / "run", *VIT_FAST, "data=imagefolder", f"data.root={folder}",
+                                         "data.image_size=32", *FAST_IMAGES, f"data.num_workers={workers}",
+                                         "data.batch_size=4", "data.eval_batch_size=16"))
+    assert f"{bad} is not a readable image (OSError" in line and "data.skip_bad_images=true" in line
+
+
+def test_skip_bad_images_replaces_them_and_names_each_once(tmp_path):
+    folder = write_image_folder(tmp_path / "folder")
+    bad = truncated_jpeg(folder / "train" / "cat" / "bad.jpg")
+    datamodule = ImageFolderDataModule(str(folder), image_size=32, num_workers=0, batch_size=4, skip_bad_images=True)
+    datamodule.setup()
+    raw = datamodule.splits["train"].base
+    index = next(i for i, (path, _) in enumerate(raw.samples) if path == str(bad))
+    with pytest.warns(UserWarning, match=f"skipped {bad}, not a readable image \\(1 skipped so far"):
+        image, label = raw[index]
+    assert (image.size, label) == (raw[index + 1][0].size, raw[index + 1][1])  # the next readable one
+    cfg = compose_config(tmp_path / "run", *VIT_FAST, "data=imagefolder", f"data.root={folder}", "data.image_size=32",
+                         *FAST_IMAGES, "data.skip_bad_images=true")
+    run(cfg)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "ok"

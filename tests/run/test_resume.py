@@ -64,6 +64,20 @@ STOPS = {
     "exception_after_step": (("+callbacks.stop._target_=tests.stops.RaiseAt", "+callbacks.stop.step=3", "+callbacks.stop.where=batch_end"), "Crash", 4),
     # SIGINT in the epoch's last step: it ends with the epoch (validation, epoch-end save).
     "sigint_last_step_of_epoch": (("+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=5"), 130, 6),
+    # SIGINT in the first step: saved as of step 1.
+    "sigint_first_step": (("+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=0"), 130, 1),
+    # SIGINT during epoch 0's validation: the validation finishes, and the run stops at the next
+    # optimizer-step boundary (step 6 done: saved as of step 7).
+    "sigint_during_validation": (("+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=6",
+                                  "+callbacks.stop.during=validation"), 130, 7),
+    # SIGINT in the last training step: training ends as planned, the stop comes before the test
+    # (the resumed run only tests, and must still record every train/, val/ and lr- value).
+    "sigint_last_training_step": (("+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=11"), 130, 12),
+    "sigint_during_test": (("+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=12",
+                            "+callbacks.stop.during=test"), 130, 12),
+    # Ctrl+C twice in step 8: stops at once, saving nothing newer than epoch 0's end (step 6).
+    "second_sigint_stops_at_once": (("+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=8",
+                                     "+callbacks.stop.again=true"), 130, 6),
 }
 
 
@@ -88,22 +102,38 @@ def test_vit_stopped_and_resumed_equals_the_uninterrupted_run(tmp_path, vit_stra
     assert vit_straight["status"] == "ok" and vit_straight["step"] == 12
 
 
-def test_lm_stopped_and_resumed_equals_the_uninterrupted_run(tmp_path):
-    assert run_until_stopped(tmp_path / "straight", *LM) == 0
-    stop = ("+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=2")
-    assert run_until_stopped(tmp_path / "stopped", *LM, *stop) == 130
-    assert last_step(tmp_path / "stopped") == 3
+@pytest.fixture(scope="module")
+def lm_straight(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("lm_straight")
+    assert run_until_stopped(folder, *LM) == 0
+    return record(folder)
+
+
+LM_STOPS = {  # 2 epochs of 4 steps
+    "first_step": (("+callbacks.stop.step=0",), 1),
+    "mid_epoch": (("+callbacks.stop.step=2",), 3),
+    "during_validation": (("+callbacks.stop.step=4", "+callbacks.stop.during=validation"), 5),
+    "during_test": (("+callbacks.stop.step=8", "+callbacks.stop.during=test"), 8),
+}
+
+
+@pytest.mark.parametrize("stop", sorted(LM_STOPS))
+def test_lm_stopped_and_resumed_equals_the_uninterrupted_run(tmp_path, lm_straight, stop):
+    overrides, saved_step = LM_STOPS[stop]
+    signal_at = ("+callbacks.stop._target_=tests.stops.SignalAt", *overrides)
+    assert run_until_stopped(tmp_path / "stopped", *LM, *signal_at) == 130
+    assert last_step(tmp_path / "stopped") == saved_step
     checkpoint = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
     assert run_until_stopped(tmp_path / "resumed", *LM, f"ckpt_path={checkpoint}") == 0
-    straight = record(tmp_path / "straight")
-    assert record(tmp_path / "resumed") == straight and "val/bpb" in straight
+    assert record(tmp_path / "resumed") == lm_straight
+    assert {"val/bpb", "test/bpb", "train/loss"} <= set(lm_straight) and any(k.startswith("lr-") for k in lm_straight)
 
 
 def test_fsdp_ep_on_two_ranks_writes_once_and_resumes_exactly(tmp_path):
     common = (
         "trainer=fsdp_ep", "ep=2", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.max_epochs=2",
         "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "data.batch_size=16", "router=noisy_topk",
-        "callbacks.progress=null",
+        "callbacks.progress=null", "trainer.log_every_n_steps=2",
     )
     straight_dir = tmp_path / "straight"
     straight = train_cli(straight_dir, *common)
@@ -137,6 +167,14 @@ def test_fsdp_ep_on_two_ranks_writes_once_and_resumes_exactly(tmp_path):
     resumed = train_cli(tmp_path / "resumed", *common, f"ckpt_path={checkpoint}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert record(tmp_path / "resumed") == record(straight_dir)
+    # SIGINT in the last training step: the resumed run only tests, and records every
+    # train/, val/ and lr- value the stopped run logged, as the uninterrupted one.
+    late = train_cli(tmp_path / "late", *common, "+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=7")
+    assert late.returncode == 130, late.stderr[-3000:]
+    late_resumed = train_cli(tmp_path / "late_resumed", *common, f"ckpt_path={tmp_path / 'late' / 'checkpoints' / 'last.ckpt'}")
+    assert late_resumed.returncode == 0, late_resumed.stderr[-3000:]
+    assert record(tmp_path / "late_resumed") == record(straight_dir)
+    assert {"val/acc", "train/loss"} <= set(record(straight_dir)) and any(k.startswith("lr-") for k in record(straight_dir))
     # (Resuming it into other layouts, ep=1 and ep=4, is checked without Lightning in tests/parallel/test_fsdp_ep.py.)
 
 

@@ -130,6 +130,15 @@ def test_debug_wins_over_experiment_and_runs_are_named_by_what_sets_them_apart(m
         ("loss.balance=-1", "loss.balance=-1 is negative, which rewards what the balance loss penalises"),
         ("loss.zloss=abc", "loss.zloss=abc must be a number"),
         ("trainer=fsdp +trainer.gradient_clip_algorithm=value", "trainer=fsdp/fsdp_ep clip gradients by norm only"),
+        # A setting of the wrong type, against the type its class takes (issue 26).
+        ("router.k=1.5", "router.k=1.5 must be a whole number (the k of TopKRouter)"),
+        ("data.batch_size=abc", "data.batch_size='abc' must be a whole number (the batch_size of DigitsDataModule)"),
+        ("router.normalize=3", "router.normalize=3 must be true or false"),
+        ("trainer.max_epochs=2.5", "trainer.max_epochs=2.5 must be a whole number (or null) (the max_epochs of Trainer)"),
+        # Runs without what they claim.
+        ("model.depth=0", "model.depth=0 builds no blocks"),
+        ("++trainer.max_steps=0", "trainer.max_steps=0 trains nothing"),
+        ("model.depth=1", "model.moe_every=2 puts a MoE layer in every 2nd block, and a model of depth 1 has none"),
         pytest.param("trainer=ddp8 trainer.accelerator=gpu trainer.devices=8", "but this machine has no GPU: run on the CPU with trainer.accelerator=cpu "
                      "trainer.devices=8", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU machine")),
     ],
@@ -142,6 +151,17 @@ def test_bad_config_messages(tmp_path, override, message):
     assert str(info.value).startswith("moelab: error: ")
     record = strict_json(tmp_path / "metrics.json")
     assert record["status"] == "error" and message in record["reason"]
+
+
+def test_the_dense_twin_says_so_in_the_config_tree_and_the_summary_line(tmp_path, capsys):
+    for twin in ("model.moe_every=0", "model.moe_layers=[]"):
+        run(compose_config(tmp_path / twin, *FAST, twin))
+        assert strict_json(tmp_path / twin / "metrics.json")["status"] == "ok"
+    from moelab.run.summary import config_tree, summary_line
+
+    tree = config_tree({"model": {"_target_": "moelab.models.vit.MoEViT", "moe_layers": []}}, {"model": "vit"})
+    assert "dense twin" in str(tree.children[0].label)
+    assert summary_line({}, None, None, "m.json", 3.0, dense_twin=True).startswith("moelab: done (dense twin) in 3 s")
 
 
 def test_a_negative_entropy_weight_is_allowed_since_its_sign_picks_the_direction(tmp_path):

@@ -130,16 +130,27 @@ class LastCheckpoint(Checkpoint):
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's random streams (a collective under several ranks: called by every
-        rank whenever any checkpoint is dumped)."""
+        rank whenever any checkpoint is dumped), and the run's final metrics so far: a resumed
+        run that logs no `lr-*` or `val/*` before it ends still records the values the
+        stopped run had logged last, as the uninterrupted run does."""
         mine = rng_state(self._rng_at_batch_start if self._rewind else None)
         if is_distributed() and dist.get_world_size() > 1:
             states: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(states, mine)
         else:
             states = [mine]
-        return {"rng": states}
+        return {"rng": states, "metrics": self.metrics_so_far()}
+
+    restored_metrics: dict[str, float] = {}
+    _trainer: L.Trainer | None = None
+
+    def metrics_so_far(self) -> dict[str, float]:
+        """The last value of every metric logged so far in this run, resumed ones included."""
+        current = {} if self._trainer is None else self._trainer.callback_metrics
+        return {**self.restored_metrics, **{name: float(value) for name, value in current.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.restored_metrics = dict(state_dict.get("metrics") or {})
         states = state_dict.get("rng") or []
         world = dist.get_world_size() if is_distributed() else 1
         rank = dist.get_rank() if world > 1 else 0
@@ -162,6 +173,14 @@ class LastCheckpoint(Checkpoint):
 
     # -- when to save --------------------------------------------------------------------
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """A save that was killed half-way left `.last.ckpt.partial`: it is removed at the next start."""
+        self._trainer = trainer
+        partial = self.path.with_name(f".{self.path.name}.partial")
+        if stage == "fit" and trainer.is_global_zero and partial.exists():
+            _remove(partial)
+            log.warning("moelab: removed %s, left by a save that did not finish", partial)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if _distributed(trainer):
             self._vote.start()
@@ -172,7 +191,10 @@ class LastCheckpoint(Checkpoint):
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl+C: stop now, without waiting for the step
+            # A second Ctrl+C: stop now, without waiting for the step, and save nothing newer.
+            self._abandoned = True
+            log.warning("moelab: SIGINT again: stopping now, without saving")
+            raise KeyboardInterrupt
         self.signal = signum
         log.warning(
             "moelab: %s received: stopping after the optimizer step in progress and saving %s "
@@ -225,7 +247,11 @@ class LastCheckpoint(Checkpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer, pl_module)
 
+    _abandoned = False  # a second SIGINT: stop at once, nothing saved
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._abandoned:
+            return
         if self.signal is None and isinstance(exception, KeyboardInterrupt):
             self.signal = signal.SIGINT  # Ctrl+C before training started, or at once twice
         if isinstance(exception, Diverged) or trainer.sanity_checking or not self._has_new_state(trainer):
@@ -291,9 +317,19 @@ class LastCheckpoint(Checkpoint):
             final.parent.mkdir(parents=True, exist_ok=True)
             _remove(partial)
         trainer.strategy.barrier("moelab.LastCheckpoint.before_save")
-        trainer.save_checkpoint(partial, weights_only=False)
-        if trainer.is_global_zero:
-            _replace(partial, final)
+        try:
+            trainer.save_checkpoint(partial, weights_only=False)
+            if trainer.is_global_zero:
+                _replace(partial, final)
+        except OSError as exc:
+            if _distributed(trainer):
+                raise  # the other ranks wait at the barrier below: the run must end
+            _remove(partial)
+            newest = (f"{self.last_path} (step {self.saved_step}) is the newest good one" if self.last_path is not None
+                      else "no checkpoint was written before it")
+            rank_zero_warn(f"moelab: could not save {final} at step {trainer.global_step} ({type(exc).__name__}: "
+                           f"{exc.strerror or exc}); {newest}; training goes on")
+            return
         trainer.strategy.barrier("moelab.LastCheckpoint.after_save")
         self.saved_step, self.last_path = trainer.global_step, final
 

@@ -10,6 +10,7 @@ exactly the images the uninterrupted run would have.
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -314,14 +315,18 @@ def image_classes(root: str) -> list[str]:
 class ImageFolderDataModule(ImageDataModule):
     """An ImageFolder root with `train/` and `val/` (and optionally `test/`; else val is
     also the test split), one sub-folder per class, read by torchvision's ImageFolder.
-    Images are converted to RGB (`in_chans` 3) and resized to `image_size`."""
+    Images are converted to RGB (`in_chans` 3) and resized to `image_size`. An image that
+    cannot be read (truncated, not an image) stops the run with one line naming its file;
+    with `skip_bad_images=true` it is replaced by the next readable image of its split and
+    named in a warning, with the count so far."""
 
     def __init__(self, root: str, image_size: int = 224, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, **kwargs: Any) -> None:
+                 std: Sequence[float] = IMAGENET_STD, skip_bad_images: bool = False, **kwargs: Any) -> None:
         self.root = Path(root).expanduser()
         self.classes = image_classes(str(self.root))
         self.num_classes, self.mean, self.std = len(self.classes), tuple(mean), tuple(std)
         self.class_names = self.classes
+        self.skip_bad_images = bool(skip_bad_images)
         super().__init__(image_size, **kwargs)
 
     def _folder(self, split: str) -> Dataset:
@@ -339,7 +344,7 @@ class ImageFolderDataModule(ImageDataModule):
             missing = sorted(set(self.classes) - set(dataset.classes)) or sorted(set(dataset.classes) - set(self.classes))
             raise ConfigError(f"{folder} has other classes than {self.root / 'train'} (e.g. {missing[0]!r}): every split "
                               "needs the same class folders")
-        return dataset
+        return SkipUnreadable(dataset) if self.skip_bad_images else dataset
 
     def load_splits(self) -> dict[str, Dataset]:
         val = self._folder("val")
@@ -347,9 +352,54 @@ class ImageFolderDataModule(ImageDataModule):
         return {"train": self._folder("train"), "val": val, "test": test}
 
 
+class UnreadableImage(ConfigError):
+    """An image file that cannot be decoded, by its path. (Also built from one message: a
+    DataLoader worker's exception is re-raised in the main process as `type(message)`.)"""
+
+    def __init__(self, path: str, exc: BaseException | None = None) -> None:
+        if exc is None:
+            super().__init__(path)
+            self.path = None
+            return
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        super().__init__(f"{path} is not a readable image ({type(exc).__name__}: {why}): remove or replace it, or set "
+                         "data.skip_bad_images=true to skip such files")
+        self.path = path
+
+
 def _rgb(path: str):
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with open(path, "rb") as file:
-        return Image.open(file).convert("RGB")
+    try:
+        with open(path, "rb") as file:
+            return Image.open(file).convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:  # PIL's errors for bad files
+        raise UnreadableImage(path, exc) from None
 
+
+class SkipUnreadable(Dataset):
+    """`base[i]`, or, where its image cannot be read, the next readable item (so batches keep
+    their size); each skipped file is named once in a warning with this process's count."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+        self.skipped: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getattr__(self, name: str) -> Any:  # classes, targets, samples: the base's
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.base)):
+            try:
+                return self.base[(index + offset) % len(self.base)]
+            except UnreadableImage as bad:
+                if bad.path not in self.skipped:
+                    self.skipped.add(bad.path)
+                    warnings.warn(f"moelab: skipped {bad.path}, not a readable image ({len(self.skipped)} skipped so far "
+                                  "in this loader process)", stacklevel=2)
+        raise ConfigError(f"no image of {len(self.base)} in this split is readable")

@@ -12,6 +12,8 @@ makes the next training sampler skip what was already trained on.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import os
 import signal
 from functools import partial
@@ -177,6 +179,22 @@ class TrainingLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict) -> None:
         pass
+
+
+def _end_loader_workers() -> None:
+    """At exit, kill the DataLoader workers still alive. They ignore SIGTERM (init_worker),
+    and multiprocessing ends daemon children at exit with SIGTERM and then joins them: a run
+    that stops with an exception while a loader's workers wait (an unreadable image found in
+    validation, say) would hang there. Registered after multiprocessing's own exit hook, so
+    it runs first."""
+    from torch.utils.data._utils.worker import _worker_loop
+
+    for process in multiprocessing.active_children():
+        if process.daemon and getattr(process, "_target", None) is _worker_loop:
+            process.kill()
+
+
+atexit.register(_end_loader_workers)
 
 
 def init_worker(worker_id: int, rank: int = 0) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from moelab.moe.errors import ConfigError
 
@@ -16,7 +16,12 @@ def moe_layer_indices(depth: int, moe_every: int = 2, moe_layers: Sequence[int] 
     (n=2: blocks 1, 3, 5, … as in GShard and Switch); `moe_every=0` makes a dense model.
     `moe_last=n` keeps only the last n of those blocks (V-MoE's "Last-n", Riquelme et al.
     2021: depth 12, every 2, last 2 → blocks 9 and 11).
+
+    A model without blocks is refused, and so is an MoE model whose settings leave it
+    without a MoE layer: the dense twin says so with `moe_every=0` or `moe_layers=[]`.
     """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ConfigError(f"model.depth={depth!r} builds no blocks: give it a whole number >= 1")
     if moe_last is not None:
         if isinstance(moe_last, bool) or not isinstance(moe_last, int) or moe_last < 1:
             raise ConfigError(f"model.moe_last={moe_last!r} must be a whole number >= 1 (null: every chosen block)")
@@ -38,7 +43,18 @@ def moe_layer_indices(depth: int, moe_every: int = 2, moe_layers: Sequence[int] 
         raise ConfigError(f"model.moe_every={moe_every} must be >= 0 (0 = dense model)")
     if moe_every == 0:
         return []
-    return [i for i in range(depth) if (i + 1) % moe_every == 0]
+    chosen = [i for i in range(depth) if (i + 1) % moe_every == 0]
+    if not chosen:
+        nth = {2: "2nd", 3: "3rd"}.get(moe_every, f"{moe_every}th")
+        raise ConfigError(f"model.moe_every={moe_every} puts a MoE layer in every {nth} block, and a model of "
+                          f"depth {depth} has none: lower model.moe_every, or set it to 0 for the dense twin")
+    return chosen
+
+
+def is_dense_twin(model_config: Mapping[str, Any]) -> bool:
+    """Whether a model config asks for no MoE layer: `moe_every=0` or `moe_layers=[]`."""
+    layers = model_config.get("moe_layers")
+    return (layers is not None and len(layers) == 0) or (layers is None and model_config.get("moe_every") == 0)
 
 
 EXPERT_WIDTHS = ("match", "dense")

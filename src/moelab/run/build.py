@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from moelab.models.build import build_model
 from moelab.moe.errors import ConfigError, check_num_experts
+from moelab.run.settings import check_setting_types
 
 def instantiate_all(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every `_target_` entry of a dict-of-configs group (callbacks, logger)."""
@@ -38,10 +39,16 @@ def _int_setting(cfg: DictConfig, key: str, minimum: int | None = None) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Top-level keys and cross-group mistakes no single component can see."""
+    """Top-level keys, every group's settings against their types, and cross-group mistakes
+    no single component can see: all before anything is built."""
     _int_setting(cfg, "seed")
     check_num_experts(cfg.get("experts"))
     _int_setting(cfg, "ep", minimum=1)
+    check_setting_types(cfg)
+    trainer = cfg.trainer
+    for key in ("max_steps", "max_epochs"):
+        if trainer.get(key) == 0:
+            raise ConfigError(f"trainer.{key}=0 trains nothing: give it a number of {key[4:]} (or -1 for no limit)")
     strategy = cfg.trainer.get("strategy")
     target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
     sharded = target.endswith("FSDPExpertParallelStrategy")

@@ -5,6 +5,7 @@ no torch."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 
 def take_verbatim(key: str, args: list[str]) -> tuple[list[str], list[str]]:
@@ -54,3 +55,33 @@ def check_plugins(args: list[str], find_spec=None) -> None:
                     sys.stderr.write(f"moelab: error: {arg.lstrip('+')} needs a Hydra plugin that is not installed: "
                                      f"pip install -e \".[{extra}]\"\n")
                     sys.exit(1)
+
+
+def check_run_folder(args: list[str], default: str = "outputs") -> None:
+    """One line and exit 1 when the run's folder (`hydra.run.dir=`, `hydra.sweep.dir=` with
+    -m, else `default` under the working directory) cannot be made: under a file, on a
+    read-only or virtual file system. Hydra makes it before the run starts and reports a
+    failure as a traceback. What this check creates it removes again."""
+    multirun = any(arg in ("-m", "--multirun") for arg in args)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    given = [arg.split("=", 1)[1] for arg in args if arg.lstrip("+").startswith(f"{key}=")]
+    if given and "${" in given[-1]:
+        return  # resolved by Hydra: checked when the run starts
+    folder = Path(given[-1] if given else default).expanduser()
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".moelab-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        shown = f"{key}={given[-1]}" if given else f"the run folder {folder.resolve()}"
+        sys.stderr.write(f"moelab: error: {shown} cannot be made ({type(exc).__name__}: {exc.strerror or exc}): "
+                         "pick a folder this user can write\n")
+        sys.exit(1)
+    finally:
+        for made in missing:  # deepest first
+            try:
+                made.rmdir()
+            except OSError:
+                pass

@@ -41,8 +41,16 @@ RESOLVER_ERROR = "ConfigError raised while resolving interpolation: "
 
 
 def first_line(exc: BaseException) -> str:
+    """The message's first line; for an exception a DataLoader worker raised ("Caught X in
+    DataLoader worker process 0. Original Traceback ..."), the original message."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    lines = text.splitlines()
+    if lines[0].startswith("Caught ") and "Original Traceback" in text:
+        original = lines[-1]
+        return original.split(": ", 1)[1] if ": " in original else original
+    return lines[0]
 
 
 class RunEnded(SystemExit):
@@ -93,7 +101,7 @@ def one_line_errors(run_folder: str | Path | None = None):
         if found is None or debug_requested():
             raise
         if run_folder is not None:
-            from moelab.run.records import remove_unused_run_folder
+            from moelab.run.folder import remove_unused_run_folder
 
             remove_unused_run_folder(Path(run_folder))
         say(f"moelab: error: {first_line(found)}")

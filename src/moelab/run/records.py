@@ -1,13 +1,10 @@
-"""A run's record: `metrics.json` (strict JSON: final metrics, `status`, `reason`, `step`), and the
-run folder of a run refused before it began. Light on purpose (no torch): the sweep summary
-imports it."""
+"""A run's record: `metrics.json` (strict JSON: final metrics, `status`, `reason`, `step`). Light
+on purpose (no torch): the sweep summary imports it."""
 
 from __future__ import annotations
 
 import json
-import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -64,22 +61,3 @@ def read_record(path: str | Path) -> dict[str, Any]:
         "reason": raw.get("reason"),
         "step": raw.get("step"),
     }
-
-
-def remove_unused_run_folder(folder: Path) -> bool:
-    """Delete the folder Hydra made for a single run that ended before it produced anything
-    (a configuration error): it holds only `.hydra/`, log files and possibly the run's
-    `metrics.json`. Never in a multirun (the sweep summary reads each job's record), never a
-    folder Hydra did not make for this run. Returns whether it was removed."""
-    from hydra.core.hydra_config import HydraConfig  # light as this module is: only when needed
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN or not folder.is_dir():
-        return False
-    if Path(HydraConfig.get().runtime.output_dir).resolve() != folder.resolve():
-        return False
-    if any(p.name not in (".hydra", "metrics.json") and p.suffix != ".log" for p in folder.iterdir()):
-        return False
-    logging.shutdown()  # close the log file handlers before their folder goes
-    shutil.rmtree(folder, ignore_errors=True)
-    return True

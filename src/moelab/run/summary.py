@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from moelab.models.placement import is_dense_twin
+
 # The groups shown in the tree, in reading order, and the settings the HPARAMS dashboard compares.
 TREE_GROUPS = ("model", "router", "expert", "loss", "data", "task", "trainer")
 SKIPPED_KEYS = ("_target_", "_partial_")
@@ -33,6 +35,8 @@ def config_tree(config: Mapping[str, Any], choices: Mapping[str, Any] | None = N
             continue
         target = str(node.get("_target_", "")).rsplit(".", 1)[-1]
         label = f"[bold]{group}[/bold]: {choices.get(group) or ''}" + (f" ({target})" if target else "")
+        if group == "model" and is_dense_twin(node):
+            label += " [bold]dense twin[/bold]: no MoE layer (router, expert and loss unused)"
         branch = tree.add(label)
         settings = [f"{k}={_compact(v)}" for k, v in node.items() if k not in SKIPPED_KEYS and not isinstance(v, Mapping)]
         if settings:
@@ -51,12 +55,14 @@ def print_config_tree(config: Mapping[str, Any], choices: Mapping[str, Any] | No
 
 
 def summary_line(metrics: Mapping[str, float], best: str | None, last: str | None, metrics_path: str,
-                 seconds: float | None = None) -> str:
+                 seconds: float | None = None, dense_twin: bool = False) -> str:
     """`moelab: done in 35 s: val/acc 0.9667, test/acc 0.963; best <path>; last <path>; metrics <path>`:
-    the final val/ and test/ metrics, the checkpoints and the record."""
+    the final val/ and test/ metrics, the checkpoints and the record (`dense twin` after
+    "done" for a model without MoE layers)."""
     shown = [f"{name} {value:.4g}" for name, value in sorted(metrics.items())
              if name.startswith(("val/", "test/")) and "/aux" not in name]
-    parts = [("done" + (f" in {seconds:.0f} s" if seconds is not None else "")) + ": " + (", ".join(shown) or "no metrics")]
+    done = "done" + (" (dense twin)" if dense_twin else "") + (f" in {seconds:.0f} s" if seconds is not None else "")
+    parts = [done + ": " + (", ".join(shown) or "no metrics")]
     if best:
         parts.append(f"best {best}")
     if last:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 import warnings
@@ -21,12 +22,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from moelab.callbacks.checkpoint import LastCheckpoint
+from moelab.models.placement import is_dense_twin
 from moelab.run import resolvers  # noqa: F401 - registers the ${moelab.*:} resolvers the configs use
 from moelab.run.build import build, check_config
 from moelab.run.checkpoints import check_resumable, start_from_weights
 from moelab.run.errors import RunEnded, debug_requested, first_line, say, user_error
 from moelab.run.launch import in_multirun, relaunch_as_single_run, requeued_checkpoint, restored_launcher_env
-from moelab.run.records import DIVERGED, ERROR, INTERRUPTED, METRICS_FILE, OK, remove_unused_run_folder, write_record
+from moelab.run.folder import RunLock, check_writable, remove_unused_run_folder
+from moelab.run.records import DIVERGED, ERROR, INTERRUPTED, METRICS_FILE, OK, write_record
 from moelab.run.summary import print_config_tree, run_hparams, summary_line
 from moelab.tasks.checkpoint_io import load_model
 from moelab.tasks.divergence import Diverged
@@ -54,6 +57,10 @@ class _Run:
     diverged_at: int | None = None  # the step a diverged run's guard named (found at a later check)
 
     def metrics(self) -> dict[str, Any]:
+        """The last value of every metric the run logged; a resumed run's include those the
+        stopped run logged last (LastCheckpoint keeps them)."""
+        if self.last is not None:
+            return self.last.metrics_so_far()
         if self.trainer is None:
             return {}
         return {name: float(value) for name, value in self.trainer.callback_metrics.items()}
@@ -73,9 +80,14 @@ class _Run:
 
 @rank_zero_only
 def _write_record(run_state: _Run, status: str, reason: str | None, metrics: dict[str, Any] | None = None) -> None:
-    if run_state.output_dir is not None:
+    if run_state.output_dir is None:
+        return
+    try:
         write_record(run_state.output_dir / METRICS_FILE, run_state.metrics() if metrics is None else metrics,
                      status, reason, run_state.step())
+    except OSError as exc:  # the record's place is not writable: say so, never hide how the run ended
+        log.error("moelab: could not write %s (%s: %s)", run_state.output_dir / METRICS_FILE, type(exc).__name__,
+                  exc.strerror or exc)
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -94,17 +106,28 @@ def run(cfg: DictConfig) -> float | None:
     traceback of every error.
     """
     run_state = _Run(started=time.monotonic())
+    lock = RunLock(Path(cfg.paths.output_dir))
     try:
         run_state.output_dir = Path(cfg.paths.output_dir)
         check_config(cfg)
+        check_writable(run_state.output_dir, OmegaConf.to_container(cfg.get("callbacks") or {}, resolve=True))
+        if launching_process():
+            lock.acquire()  # one run per folder: the ranks it starts share it
         relaunch_as_single_run()
         with restored_launcher_env():
             return _fit_and_test(cfg, run_state)
     except BaseException as exc:  # noqa: BLE001 - every ending is recorded, then reported or re-raised
         return _report(exc, run_state)
     finally:
+        lock.release()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # the next job of a multirun starts its own process group
+
+
+def launching_process() -> bool:
+    """This process started the run: not a rank Lightning's launcher started (LOCAL_RANK >= 1),
+    nor a rank > 0 of torchrun or SLURM (RANK)."""
+    return all(os.environ.get(key, "0") in ("", "0") for key in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
 
 
 def _stopping_signal(exc: BaseException, run_state: _Run) -> int | None:
@@ -221,7 +244,8 @@ def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
     if trainer.is_global_zero:
         best = next((cb.best_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "best_model_path", "")), None)
         last = str(run_state.last.last_path) if run_state.last is not None and run_state.last.last_path else None
-        line = summary_line(metrics, best, last, str(run_state.output_dir / METRICS_FILE), time.monotonic() - run_state.started)
+        line = summary_line(metrics, best, last, str(run_state.output_dir / METRICS_FILE), time.monotonic() - run_state.started,
+                            dense_twin=is_dense_twin(cfg.model))
         print(line, flush=True)
 
     name = cfg.get("optimized_metric")

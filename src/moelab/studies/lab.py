@@ -103,7 +103,12 @@ def datamodule_of(folder: Path):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    data = instantiate(OmegaConf.load(folder / ".hydra" / "config.yaml").data)
+    from moelab.models.targets import check_targets
+
+    stored = folder / ".hydra" / "config.yaml"
+    config = OmegaConf.load(stored)
+    check_targets(config.data, str(stored))  # a run folder's config is a file: data, not code
+    data = instantiate(config.data)
     data.setup("fit")
     return data
 

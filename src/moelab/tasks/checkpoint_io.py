@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from moelab.models.build import build_model
+from moelab.models.targets import check_targets
 from moelab.moe.errors import ConfigError
 
 CONFIG_KEY = "moelab_config"  # where moelab checkpoints keep the run's composed config
@@ -202,9 +203,12 @@ def load_model(path: str, key: str = "teacher") -> nn.Module:
 
 
 def model_from_state(weights: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None, key: str, path: str) -> nn.Module:
-    """The model `config` describes, holding `weights`, in eval mode."""
+    """The model `config` describes, holding `weights`, in eval mode. The config came from a
+    file: every `_target_` in it is checked first (moelab.models.targets), the data, task and
+    trainer settings too, since eval.py and predict.py build those from it next."""
     if config is None:
         raise ConfigError(f"{key}={path} carries no run config: use a checkpoint written by moelab's train.py")
+    check_targets(config, f"{key}={path}")
     model = build_model(config)
     model.load_state_dict(weights)
     return model.eval()
