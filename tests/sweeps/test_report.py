@@ -51,7 +51,8 @@ def test_the_multirun_writes_a_report_grouped_over_seeds(sweep):
         assert row[header.index("seeds")] == "0, 1"
         values = [job_metrics(sweep, job)["val/acc"] for job in jobs]
         mean, std = statistics.fmean(values), statistics.stdev(values)
-        assert row[column] == f"{mean:.4g} ± {std:.2g} (n=2)"
+        half = 12.706204736174698 * std / 2**0.5  # t(0.975, df=1) · s / sqrt(n)
+        assert row[column] == f"{mean:.4g} ± {std:.2g} [{mean - half:.4g}, {mean + half:.4g}] (n=2)"
 
 
 def test_figures_are_valid_pngs_for_curves_and_every_layer(sweep):
@@ -88,3 +89,21 @@ def test_a_folder_without_jobs_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("moelab: error: ") and "\n" not in err and "multirun folder" in err
+
+
+def test_a_baseline_gives_welch_tests_with_holms_correction(sweep):
+    from scipy import stats
+
+    from moelab.sweeps.report import write_report
+
+    report = write_report(sweep, ["val/acc", "val/loss"], baseline={"experts": "4"}).read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| experts=8 |")]
+    assert len(rows) == 2 and "Against experts=4 (Welch's t-test, Holm's correction over the 2 comparisons)" in report
+    from moelab.sweeps.jobs import collect_jobs
+
+    jobs = collect_jobs(sweep)
+    values = {e: [job["metrics"]["val/acc"] for job in jobs if job["overrides"]["experts"] == e] for e in ("4", "8")}
+    assert len(values["4"]) == len(values["8"]) == 2
+    p = stats.ttest_ind(values["8"], values["4"], equal_var=False).pvalue
+    acc_row = next(row for row in rows if "| val/acc |" in row)
+    assert f"Welch p = {p:.2g})" in acc_row

@@ -17,6 +17,7 @@ from typing import Callable
 
 from moelab.sweeps.jobs import collect_jobs
 from moelab.sweeps.report import group_jobs, read_scalars, spread, write_report
+from moelab.sweeps.statistics import ALPHA, Welch, holm, verdict, welch
 
 # The source checkout the studies run in: they start `python train.py` jobs there and write
 # its docs/ pages.
@@ -119,14 +120,38 @@ def values_by_group(context: Context, sweep: str, metric: str) -> dict[str, list
     return out
 
 
-def compare(a: list[float], b: list[float]) -> tuple[float, str]:
-    """mean(a) − mean(b) and whether it exceeds two standard errors (Welch's, sample variances)."""
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    if len(a) < 2 or len(b) < 2:
-        return diff, "one seed: no error bar"
-    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-    verdict = "beyond 2 standard errors" if abs(diff) > 2 * se else "within 2 standard errors (noise)"
-    return diff, f"{verdict}, SE {se:.2g}"
+class Comparisons:
+    """The comparisons one verdict makes, tested as one family: Welch's t-test each (the
+    difference of means with its 95 % interval), Holm's correction over all of them, and a
+    verdict at α = 0.05 from the adjusted p (moelab.sweeps.statistics)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Welch | None]] = []
+
+    def add(self, label: str, a: list[float], b: list[float]) -> int:
+        self.items.append((label, welch(a, b)))
+        return len(self.items) - 1
+
+    def adjusted(self) -> list[float | None]:
+        tested = [test.p for _, test in self.items if test is not None]
+        holm_p = iter(holm(tested))
+        return [next(holm_p) if test is not None else None for _, test in self.items]
+
+    def difference(self, index: int) -> float:
+        test = self.items[index][1]
+        return math.nan if test is None else test.difference
+
+    def holds(self, index: int, sign: int) -> bool:
+        """Whether comparison `index` is significant at α after Holm, in the direction `sign`."""
+        test, p = self.items[index][1], self.adjusted()[index]
+        return test is not None and p is not None and p < ALPHA and math.copysign(1, test.difference) == sign
+
+    def text(self, index: int) -> str:
+        label, test = self.items[index]
+        p = self.adjusted()[index]
+        if test is None:
+            return f"{label}: one seed, no test"
+        return f"{label} = {test} → {verdict(test, p)}"
 
 
 def fmt(values: list[float]) -> str:

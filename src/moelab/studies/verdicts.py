@@ -6,17 +6,17 @@ from __future__ import annotations
 import statistics
 from typing import Callable
 
-from moelab.studies.study import ROOT, Context, compare, curve, final_by_seed, fmt, job_scalars, values_by_group
+from moelab.studies.study import ROOT, Comparisons, Context, curve, final_by_seed, fmt, job_scalars, values_by_group
 from moelab.sweeps.jobs import collect_jobs
 
 
 def verdict_moe_vs_dense(c: Context) -> list[str]:
     bpb = values_by_group(c, "lm", "val/bpb")
     moe, dense = bpb["2"], bpb["0"]
-    diff, how = compare(moe, dense)
-    holds = "agrees with the claim" if diff < 0 and "beyond" in how else "does not show the claim at this scale"
-    return [f"**Measured.** val bpb MoE {fmt(moe)} vs dense {fmt(dense)}: MoE − dense = {diff:+.4f} ({how}). "
-            f"This {holds}.", ""]
+    tests = Comparisons()
+    first = tests.add("MoE − dense", moe, dense)
+    holds = "agrees with the claim" if tests.holds(first, -1) else "does not show the claim at this scale"
+    return [f"**Measured.** val bpb MoE {fmt(moe)} vs dense {fmt(dense)}: {tests.text(first)}. This {holds}.", ""]
 
 
 def verdict_expert_scaling(c: Context) -> list[str]:
@@ -39,9 +39,10 @@ def verdict_statistic(sweep: str, statistic: str, shown: dict[str, str], better:
     def verdict(c: Context) -> list[str]:
         values = values_by_group(c, sweep, f"final {statistic}")
         acc = values_by_group(c, sweep, "val/acc")
-        d_acc, how = compare(acc[better], acc[worse])
+        tests = Comparisons()
+        first = tests.add(quality, acc[better], acc[worse])
         at = ", ".join(f"{words} {fmt(values[setting])}" for setting, words in shown.items())
-        return [f"**Measured.** {at}; {quality}: {d_acc:+.4f} ({how}).", ""]
+        return [f"**Measured.** {at}; {tests.text(first)}.", ""]
 
     return verdict
 
@@ -58,36 +59,45 @@ verdict_capacity = verdict_statistic(
 
 
 def verdict_routers(c: Context, against_topk: tuple[str, ...] = ("soft", "expert_choice", "noisy_topk")) -> list[str]:
+    """Every router against the dense twin (the claim "every MoE beats its dense twin"), and
+    the named ones against top-k: one family of comparisons, Holm-corrected."""
     acc = values_by_group(c, "routers", "val/acc")
     twin = values_by_group(c, "dense_twin", "val/acc")["all"]
     ranked = sorted(acc, key=lambda r: -statistics.fmean(acc[r]))
+    tests = Comparisons()
+    vs_twin = {router: tests.add(f"{router} − dense twin", acc[router], twin) for router in ranked}
+    vs_topk = [tests.add(f"{router} − topk", acc[router], acc["topk"]) for router in against_topk if router in acc]
+    beats = [r for r, i in vs_twin.items() if tests.holds(i, +1)]
+    below = [r for r, i in vs_twin.items() if tests.difference(i) < 0]
     lines = ["**Measured.** Ranked by mean val/acc: " + ", ".join(f"{r} {statistics.fmean(acc[r]):.4f}" for r in ranked)
-             + f"; dense twin {statistics.fmean(twin):.4f}."]
-    for router in against_topk:
-        diff, how = compare(acc[router], acc["topk"])
-        lines.append(f"{router} − topk: {diff:+.4f} ({how}).")
-    diff, how = compare(acc["topk"], twin)
-    lines.append(f"topk − dense twin: {diff:+.4f} ({how}).")
-    return [" ".join(lines), ""]
+             + f"; dense twin {statistics.fmean(twin):.4f}.", "",
+             *(f"- {tests.text(i)}" for i in [*vs_twin.values(), *vs_topk]), "",
+             f"Against the dense twin, {len(beats)} of {len(ranked)} routers are higher at α = 0.05 after Holm's "
+             f"correction ({', '.join(beats) or 'none'})"
+             + (f"; the mean of {', '.join(below)} is below the twin's, which contradicts \"every MoE beats its "
+                f"dense twin\" here" if below else "") + "."]
+    return [*lines, ""]
 
 
 def verdict_noisy(c: Context) -> list[str]:
     acc = values_by_group(c, "losses", "val/acc")
     topk = values_by_group(c, "topk", "val/acc")["all"]
-    parts = []
-    for loss, values in acc.items():
-        diff, how = compare(values, topk)
-        parts.append(f"with loss={loss}: {fmt(values)}, minus topk {diff:+.4f} ({how})")
-    return ["**Measured.** noisy_topk " + "; ".join(parts) + f". topk: {fmt(topk)}.", ""]
+    tests = Comparisons()
+    indices = {loss: tests.add(f"noisy_topk with loss={loss} − topk", values, topk) for loss, values in acc.items()}
+    parts = [f"with loss={loss}: {fmt(acc[loss])}" for loss in acc]
+    return ["**Measured.** noisy_topk " + "; ".join(parts) + f". topk: {fmt(topk)}.", "",
+            *(f"- {tests.text(i)}" for i in indices.values()), ""]
 
 
 def verdict_soft(c: Context) -> list[str]:
     soft = values_by_group(c, "soft", "val/acc")
     topk = values_by_group(c, "topk", "val/acc")["all"]
     dense = values_by_group(c, "dense", "val/acc")["all"]
-    parts = [f"soft, {p} slot(s) per expert: {fmt(v)} (minus topk {compare(v, topk)[0]:+.4f}, {compare(v, topk)[1]})"
-             for p, v in soft.items()]
-    return ["**Measured** at 64 tokens per image: " + "; ".join(parts) + f"; topk {fmt(topk)}; dense twin {fmt(dense)}.", ""]
+    tests = Comparisons()
+    indices = [tests.add(f"soft, {p} slot(s) per expert − topk", v, topk) for p, v in soft.items()]
+    parts = [f"soft, {p} slot(s) per expert: {fmt(v)}" for p, v in soft.items()]
+    return ["**Measured** at 64 tokens per image: " + "; ".join(parts) + f"; topk {fmt(topk)}; dense twin {fmt(dense)}.",
+            "", *(f"- {tests.text(i)}" for i in indices), ""]
 
 
 def verdict_upcycling(c: Context) -> list[str]:
@@ -117,12 +127,11 @@ def verdict_upcycling(c: Context) -> list[str]:
     upcycled = list(final_by_seed(c, "upcycled", "val/bpb").values())
     dense = list(final_by_seed(c, "dense_300", "val/bpb", dense_pick).values())
     scratch = list(final_by_seed(c, "moe_scratch", "val/bpb").values())
-    parts = [f"final val bpb, upcycled after {offset} dense steps: {fmt(upcycled)}; dense all along {fmt(dense)}; "
-             f"MoE from scratch {fmt(scratch)}"]
-    for name, other in (("dense", dense), ("MoE from scratch", scratch)):
-        diff, how = compare(upcycled, other)
-        parts.append(f"upcycled − {name} {diff:+.4f} ({how})")
-    return ["**Measured.** " + "; ".join(parts) + ".", "", f"![val bpb of the three ways](results/{target.name})", ""]
+    tests = Comparisons()
+    indices = [tests.add(f"upcycled − {name}", upcycled, other) for name, other in (("dense", dense), ("MoE from scratch", scratch))]
+    return [f"**Measured.** final val bpb, upcycled after {offset} dense steps: {fmt(upcycled)}; dense all along "
+            f"{fmt(dense)}; MoE from scratch {fmt(scratch)}.", "", *(f"- {tests.text(i)}" for i in indices), "",
+            f"![val bpb of the three ways](results/{target.name})", ""]
 
 
 def specialisation_images(context: Context) -> list[str]:

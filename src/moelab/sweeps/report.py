@@ -1,10 +1,12 @@
 """Sweep reports: what a multirun showed, with its spread over seeds.
 
-    python -m moelab.report <sweep folder> [--metrics val/acc test/acc ...]
+    python -m moelab.report <sweep folder> [--metrics val/acc test/acc ...] [--baseline model.moe_every=0]
 
 Writes `report.md` and PNG figures (under `report/`) into the sweep folder:
-- final metrics grouped over the `seed` override, as mean ± std with n (jobs that differ only
-  in `seed` form one group; std is the sample std, n − 1 in the denominator);
+- final metrics grouped over the `seed` override, as mean ± std, the mean's 95 % t interval
+  and n (jobs that differ only in `seed` form one group; std is the sample std);
+- with `--baseline KEY=VALUE ...`, every other group against that one: the difference of
+  means with its 95 % interval, Welch's t-test p-value, Holm's adjusted p over the table;
 - learning curves of every job, from its TensorBoard event files (one colour per group);
 - per MoE layer, the load balance (max/mean tokens per expert) and the router entropy over
   training.
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from moelab.sweeps.jobs import collect_jobs, metric_names
+from moelab.sweeps.statistics import holm, t_interval, verdict, welch
 
 REPORT_FILE = "report.md"
 FIGURES = "report"
@@ -53,17 +56,24 @@ class Group:
 @dataclass
 class Spread:
     """A metric over a group's jobs: mean, sample std (None for one value), n with a value,
-    and how many jobs have none."""
+    how many jobs have none, the values, and the mean's 95 % t interval (two values or more)."""
 
     mean: float | None
     std: float | None
     n: int
     missing: int
+    values: tuple[float, ...] = ()
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        return t_interval(self.values)
 
     def __str__(self) -> str:
         if self.n == 0:
             return "missing"
         text = f"{self.mean:.4g}" if self.std is None else f"{self.mean:.4g} ± {self.std:.2g}"
+        if self.interval is not None:
+            text += f" [{self.interval[0]:.4g}, {self.interval[1]:.4g}]"
         text += f" (n={self.n})"
         return text + (f", missing in {self.missing}" if self.missing else "")
 
@@ -96,7 +106,7 @@ def spread(values: Sequence[float | None]) -> Spread:
     if not present:
         return Spread(None, None, 0, missing)
     std = statistics.stdev(present) if len(present) > 1 else None
-    return Spread(statistics.fmean(present), std, len(present), missing)
+    return Spread(statistics.fmean(present), std, len(present), missing, tuple(present))
 
 
 def metrics_markdown(groups: list[Group], names: Sequence[str]) -> str:
@@ -109,6 +119,32 @@ def metrics_markdown(groups: list[Group], names: Sequence[str]) -> str:
         cells.append(", ".join(group.seeds))
         cells += [str(spread([job["metrics"].get(name) for job in group.jobs])) for name in names]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparisons_markdown(groups: list[Group], names: Sequence[str], baseline: dict[str, str]) -> str:
+    """Each group against the `baseline` group (the one whose overrides include it), per
+    metric: the difference of means with its 95 % interval and Welch's p, Holm's adjusted p
+    over the table's comparisons, and the verdict at α = 0.05."""
+    base = next((g for g in groups if baseline.items() <= g.overrides.items()), None)
+    if base is None:
+        return f"No group has the baseline {' '.join(f'{k}={v}' for k, v in baseline.items())}.\n"
+    rows = []
+    for group in groups:
+        if group is base:
+            continue
+        for name in names:
+            arm = spread([job["metrics"].get(name) for job in group.jobs]).values
+            reference = spread([job["metrics"].get(name) for job in base.jobs]).values
+            rows.append((group.label, name, welch(arm, reference)))
+    adjusted = holm([test.p for _, _, test in rows if test is not None])
+    lines = [f"Against {base.label} (Welch's t-test, Holm's correction over the {len(adjusted)} comparisons):", "",
+             "| arm | metric | difference (95 % CI, Welch p) | Holm p | verdict |", "|---|---|---|---|---|"]
+    tested = iter(adjusted)
+    for label, name, test in rows:
+        p = next(tested) if test is not None else None
+        lines.append(f"| {label} | {name} | {test if test is not None else '—'} | "
+                     f"{'—' if p is None else f'{p:.2g}'} | {verdict(test, p)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -197,8 +233,11 @@ def write_figures(sweep_dir: Path, groups: list[Group], scalars: dict[str, dict]
     return figures
 
 
-def write_report(sweep_dir: Path | str, metrics: Sequence[str] | None = None) -> Path:
-    """Write `report.md` and its figures into `sweep_dir`; return the report's path."""
+def write_report(sweep_dir: Path | str, metrics: Sequence[str] | None = None,
+                 baseline: dict[str, str] | None = None) -> Path:
+    """Write `report.md` and its figures into `sweep_dir`; return the report's path. With a
+    `baseline` (overrides that pick a group, e.g. {"model.moe_every": "0"}), every other group
+    is compared with it (comparisons_markdown)."""
     sweep_dir = Path(sweep_dir)
     jobs = collect_jobs(sweep_dir)
     if not jobs:
@@ -215,7 +254,7 @@ def write_report(sweep_dir: Path | str, metrics: Sequence[str] | None = None) ->
         f"# Sweep report: {sweep_dir.name}",
         "",
         f"{len(jobs)} jobs in {len(groups)} groups (jobs that differ only in `seed` are one group). "
-        "Each cell: mean ± sample std over the group's jobs (n = jobs with a value).",
+        "Each cell: mean ± sample std [95 % t interval of the mean] over the group's jobs (n = jobs with a value).",
     ]
     if not_ok:
         lines.append(f"Jobs that did not end ok (their last values are included): {', '.join(not_ok)}.")
@@ -224,6 +263,8 @@ def write_report(sweep_dir: Path | str, metrics: Sequence[str] | None = None) ->
     if shared:
         lines += ["Shared overrides: " + " ".join(f"`{k}={v}`" for k, v in shared.items()), ""]
     lines.append(metrics_markdown(groups, names))
+    if baseline:
+        lines += ["## Comparisons", "", comparisons_markdown(groups, names, baseline)]
     if figures:
         lines += ["## Figures", ""]
         for title, path in figures:
@@ -237,9 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moelab.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder (holds job folders 0, 1, ...)")
     parser.add_argument("--metrics", nargs="*", help="metrics to tabulate (default: every final metric)")
+    parser.add_argument("--baseline", nargs="*", metavar="KEY=VALUE",
+                        help="overrides of the group every other is compared with (Welch's t-test, Holm's correction)")
     args = parser.parse_args(argv)
+    baseline = dict(item.split("=", 1) for item in args.baseline or [])
     try:
-        report = write_report(args.sweep_dir, args.metrics)
+        report = write_report(args.sweep_dir, args.metrics, baseline)
     except FileNotFoundError as error:
         print(f"moelab: error: {error}", file=sys.stderr)
         return 2
