@@ -160,7 +160,7 @@ def test_deepseek_routes_mk_minus_shared_and_matches_the_dense_twin(tmp_path):
 def test_a_width_that_cannot_match_exactly_warns_with_the_numbers():
     # Expert choice with cf = 1.5 processes 1.5 experts per token on average: 128/1.5 is no
     # multiple of 8, so experts get 88 units (132 active) and the layer says so.
-    with pytest.warns(UserWarning, match="132 active units per token, not the dense FFN's 128"):
+    with pytest.warns(UserWarning, match=r"experts of 88 units \(88 per fine expert\) give 1.031 of the dense FFN's FLOPs"):
         layer = MoELayer(16, 128, partial(ExpertChoiceRouter, capacity_factor=1.5), partial(GroupedExperts, num_experts=4),
                          layer_index=3, match_dense_flops=True)
     assert layer.experts.hidden == 88
@@ -168,7 +168,7 @@ def test_a_width_that_cannot_match_exactly_warns_with_the_numbers():
 
 def test_a_dense_width_no_granularity_divides_still_builds_matched_experts():
     # The experts' own checks apply to the width they get (H/k rounded), not to H.
-    with pytest.warns(UserWarning, match="1344 active units per token, not the dense FFN's 1365"):
+    with pytest.warns(UserWarning, match=r"experts of 672 units \(168 per fine expert\) give 0.985 of the dense FFN's FLOPs"):
         layer = MoELayer(16, 1365, partial(TopKRouter, k=2), partial(GroupedExperts, num_experts=4, granularity=4),
                          match_dense_flops=True)
     assert (layer.experts.hidden, layer.router.k) == (168, 8)

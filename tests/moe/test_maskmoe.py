@@ -19,9 +19,9 @@ from ..conftest import LM_FAST, compose_config, one_line_error
 COUNTS = torch.tensor([100, 1, 50, 2, 3, 80, 0, 0, 7, 9, 40, 11])
 
 
-def masked_layer(k: int = 2) -> MoELayer:
+def masked_layer(k: int = 2, frequent_experts: int | None = None) -> MoELayer:
     torch.manual_seed(0)
-    router = functools.partial(TopKRouter, k=k, token_mask="frequency", rare_share=0.5)
+    router = functools.partial(TopKRouter, k=k, token_mask="frequency", rare_share=0.5, frequent_experts=frequent_experts)
     layer = MoELayer(16, 32, router, functools.partial(GroupedExperts, num_experts=4, activation="swiglu"),
                      router_facts={"vocab_size": 12})
     layer.router.fit_token_mask(COUNTS)
@@ -37,6 +37,23 @@ def test_the_rarest_half_of_seen_ids_and_the_unseen_get_one_expert_balanced_and_
     assert bool(allowed[frequent].all())
     # the seven rare ids spread over the 4 experts (no expert gets more than 2)
     assert allowed[rare].sum(0).max() <= 2
+
+
+def test_frequent_ids_get_v_random_experts_fixed_by_the_seed():
+    """MaskMoE's frequent tokens: V of the E experts each, drawn at random per id; the same
+    draw for the same layer seed, different sets across ids."""
+    allowed = masked_layer(frequent_experts=2).router.allowed_VE
+    rare, frequent = [1, 3, 4, 8, 9, 6, 7], [0, 2, 5, 10, 11]
+    assert torch.equal(allowed[frequent].sum(1), torch.full((5,), 2))
+    assert torch.equal(allowed[rare].sum(1), torch.ones(7, dtype=torch.long))
+    assert len({tuple(row.tolist()) for row in allowed[frequent]}) > 1  # not one set for every id
+    assert torch.equal(masked_layer(frequent_experts=2).router.allowed_VE, allowed)
+    layer = masked_layer(frequent_experts=2)
+    ids = torch.tensor([[0, 2, 5, 10, 11] * 4])
+    layer(torch.randn(1, 20, 16), token_ids=ids)
+    assert bool(allowed[ids.reshape(-1)].gather(1, layer.last_plan.selected_experts_TK).all())
+    with pytest.raises(Exception, match="router.frequent_experts=5 is the experts each frequent id may use"):
+        masked_layer(frequent_experts=5)
 
 
 def test_masked_experts_are_never_selected_and_rare_tokens_use_their_expert():

@@ -1,5 +1,5 @@
-"""Expert merging: weighted averages of expert stacks and router rows, groups by usage or
-similarity, and scripts/merge_experts.py end to end."""
+"""Expert merging: weighted averages of expert stacks and router rows, MC-SMoE's grouping and
+binding, and scripts/merge_experts.py end to end."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from omegaconf import OmegaConf
 
 from moelab.models.build import build_model
-from moelab.moe import ConfigError, GroupedExperts, HashRouter, MoELayer, TopKRouter
-from moelab.moe.lifecycle.merge import expert_groups, merged_layer_state
+from moelab.moe import ConfigError, CosineRouter, GroupedExperts, HashRouter, MoELayer, TopKRouter
+from moelab.moe.lifecycle.merge import expert_groups, mc_smoe_groups, merged_layer_state
 from moelab.run.checkpoints import load_model_weights
 from moelab.tasks.checkpoint_io import CONFIG_KEY
 
@@ -52,7 +52,7 @@ def test_merging_identical_experts_changes_nothing():
             stack.copy_(stack[:1].expand_as(stack))
     x = torch.randn(2, 5, 16)
     before = moe(x)
-    groups = expert_groups(moe, 2, "usage", torch.ones(8))
+    groups = expert_groups(moe, 2, "neighbour-usage", torch.ones(8))
     merged = layer(experts=2)
     merged.load_state_dict(merged_layer_state(moe, groups, torch.ones(8)))
     torch.testing.assert_close(merged(x), before, atol=1e-6, rtol=1e-5)
@@ -65,9 +65,9 @@ def test_similarity_groups_the_closest_experts():
         for a, b in pairs:
             for stack in moe.experts.expert_weights().values():
                 stack[b] = stack[a] + 1e-3 * torch.randn_like(stack[a])
-    groups = expert_groups(moe, 4, "similarity", torch.ones(8))
+    groups = expert_groups(moe, 4, "weight-similarity", torch.ones(8))
     assert sorted(map(tuple, groups)) == sorted(pairs)
-    assert expert_groups(moe, 2, "usage", torch.ones(8)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert expert_groups(moe, 2, "neighbour-usage", torch.ones(8)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def test_hash_maps_follow_their_experts_and_bad_targets_are_refused():
@@ -76,9 +76,9 @@ def test_hash_maps_follow_their_experts_and_bad_targets_are_refused():
     state = merged_layer_state(moe, groups, torch.ones(8))
     torch.testing.assert_close(state["router.expert_of_key"], moe.router.expert_of_key // 2)
     with pytest.raises(ConfigError, match="must divide 8"):
-        expert_groups(moe, 3, "usage", torch.ones(8))
+        expert_groups(moe, 3, "neighbour-usage", torch.ones(8))
     with pytest.raises(ConfigError, match="between 1 and the 8 experts"):
-        expert_groups(moe, 9, "uniform", torch.ones(8))
+        expert_groups(moe, 9, "neighbour-mean", torch.ones(8))
 
 
 def run_merge_script(monkeypatch, *args: str) -> None:
@@ -92,12 +92,14 @@ def run_merge_script(monkeypatch, *args: str) -> None:
 
 def test_merge_script_reports_and_writes_loadable_checkpoints(tmp_path, monkeypatch, capsys, trained_vit):
     ckpt = trained_vit / "checkpoints" / "last.ckpt"
-    run_merge_script(monkeypatch, str(ckpt), "--to", "4", "1", "--method", "usage", "similarity",
+    run_merge_script(monkeypatch, str(ckpt), "--to", "4", "1", "--method", "neighbour-usage", "mc-smoe",
                      "--out", str(tmp_path / "merged"))
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "method" not in line]
-    assert [r.split(" | ")[:2] for r in rows] == [["| original", "8"], ["| usage", "4"], ["| usage", "1"],
-                                                   ["| similarity", "4"], ["| similarity", "1"]]
-    for name, experts in (("merged_usage_E4.ckpt", 4), ("merged_similarity_E1.ckpt", 1)):
+    assert [r.split(" | ")[:2] for r in rows] == [["| original", "8"], ["| neighbour-usage", "4"],
+                                                   ["| neighbour-usage", "1"], ["| mc-smoe", "4"], ["| mc-smoe", "1"]]
+    # MC-SMoE keeps the router: its checkpoint has the 8 slots, holding 4 distinct experts.
+    for name, experts in (("merged_neighbour-usage_E4.ckpt", 4), ("merged_neighbour-usage_E1.ckpt", 1),
+                          ("merged_mc-smoe_E4.ckpt", 8)):
         path = tmp_path / "merged" / name
         cfg = OmegaConf.create(torch.load(path, weights_only=True)[CONFIG_KEY])
         model = build_model(cfg)
@@ -105,5 +107,53 @@ def test_merge_script_reports_and_writes_loadable_checkpoints(tmp_path, monkeypa
         assert cfg.experts == experts
     # A refusal, in this process (the script's own entry point): one line, no traceback.
     with pytest.raises(SystemExit) as refused:
-        run_merge_script(monkeypatch, str(ckpt), "--to", "3")
-    assert str(refused.value).startswith("moelab: error: --method usage")
+        run_merge_script(monkeypatch, str(ckpt), "--to", "3", "--method", "neighbour-usage")
+    assert str(refused.value).startswith("moelab: error: --method neighbour-usage merges neighbouring experts")
+
+
+def test_mc_smoe_groups_around_the_most_used_experts_by_router_logits():
+    """A hand-built case: experts 5 and 2 are the most used; experts 0 and 3 have logit columns
+    (over four calibration tokens) close to 5's, 1 and 4 close to 2's, whatever their weights."""
+    usage = torch.tensor([1.0, 2.0, 9.0, 1.0, 0.0, 10.0])
+    lead5 = torch.tensor([3.0, -1.0, 2.0, 0.0])
+    lead2 = torch.tensor([-2.0, 4.0, 0.0, 1.0])
+    columns = {5: lead5, 0: 2 * lead5 + 0.1, 3: lead5 - 0.2 * lead2, 2: lead2, 1: lead2 + 0.3 * lead5, 4: 0.5 * lead2}
+    logits_TE = torch.stack([columns[e] for e in range(6)], dim=1)
+    assert mc_smoe_groups(usage, logits_TE, 2) == [[0, 3, 5], [1, 2, 4]]  # leaders in order of usage
+    assert mc_smoe_groups(usage, logits_TE, 1) == [[0, 1, 2, 3, 4, 5]]
+    assert mc_smoe_groups(usage, logits_TE, 6) == [[e] for e in (5, 2, 1, 0, 3, 4)]
+
+
+def test_mc_smoe_keeps_the_router_and_binds_members_to_the_merged_weights():
+    moe = layer()
+    x = torch.randn(2, 5, 16)
+    moe(x)
+    usage = moe.last_plan.tokens_per_expert_E.double() + 1
+    groups = expert_groups(moe, 3, "mc-smoe", usage, moe.last_plan.router_logits_TE)
+    state = merged_layer_state(moe, groups, usage, bind=True)
+    torch.testing.assert_close(state["router.gate.weight"], moe.router.gate.weight.detach())  # the router kept
+    for members in groups:
+        w = usage[members] / usage[members].sum()
+        expected = sum(w_i.float() * moe.experts.w1_EDF[e] for w_i, e in zip(w, members)).detach()
+        for e in members:
+            torch.testing.assert_close(state["experts.w1_EDF"][e], expected)
+    bound = layer()
+    bound.load_state_dict(state)  # E slots: the shapes of the original layer
+    # Each token keeps its experts and their weights (the router is the one it had).
+    plan_before = moe.last_plan
+    bound(x)
+    torch.testing.assert_close(bound.last_plan.selected_experts_TK, plan_before.selected_experts_TK)
+    torch.testing.assert_close(bound.last_plan.gates_TK, plan_before.gates_TK)
+
+def test_cosine_router_merges_its_expert_embeddings_not_its_projection():
+    """With as many experts as projection dims, the projection (dim × d_model) has a dimension
+    of E too: only the expert embeddings are per expert."""
+    moe = layer(router=functools.partial(CosineRouter, k=2, dim=8))
+    groups = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    state = merged_layer_state(moe, groups, torch.ones(8))
+    torch.testing.assert_close(state["router.project.weight"], moe.router.project.weight.detach())
+    embeddings = moe.router.expert_embeddings.detach()
+    torch.testing.assert_close(state["router.expert_embeddings"], embeddings.view(4, 2, -1).mean(1))
+    merged = MoELayer(16, 32, functools.partial(CosineRouter, k=2, dim=8),
+                      functools.partial(GroupedExperts, num_experts=4, activation="swiglu"))
+    merged.load_state_dict(state)

@@ -19,21 +19,27 @@ from moelab.run.train import run
 from ..conftest import LM_FAST, VIT_FAST, compose_config
 
 
-def layer(per: str, activation: str, bias: bool = True, experts: int = 4) -> MoELayer:
+def layer(per: str, activation: str, bias: bool = True, experts: int = 4, segment_length: int = 2) -> MoELayer:
     torch.manual_seed(0)
-    return MoELayer(16, 32, partial(SmearRouter, per=per),
+    return MoELayer(16, 32, partial(SmearRouter, per=per, segment_length=segment_length),
                     partial(GroupedExperts, num_experts=experts, activation=activation, bias=bias), {"zloss": 1e-3})
 
 
-def merged_ffn_by_definition(moe: MoELayer, x_BLD: torch.Tensor, per: str) -> torch.Tensor:
-    """p from the gate (the sequence's mean input, or the token's own), every parameter
-    merged as Σ_i p_i θ_i, then the FFN with those parameters, token by token."""
+def merged_ffn_by_definition(moe: MoELayer, x_BLD: torch.Tensor, per: str, segment_length: int = 2) -> torch.Tensor:
+    """p from the gate (the sequence's mean input, the token's own, or the mean of the
+    segment before the token's, even for the first segment), every parameter merged as
+    Σ_i p_i θ_i, then the FFN with those parameters, token by token."""
     e, gate = moe.experts, moe.router.gate.weight
     out = torch.zeros_like(x_BLD)
     for b in range(x_BLD.shape[0]):
         for t in range(x_BLD.shape[1]):
-            source = x_BLD[b].mean(0) if per == "sequence" else x_BLD[b, t]
-            p = torch.softmax(source @ gate.T, dim=-1)
+            if per == "segment":
+                start = (t // segment_length - 1) * segment_length
+                p = (torch.full((gate.shape[0],), 1.0 / gate.shape[0]) if start < 0 else
+                     torch.softmax(x_BLD[b, start:start + segment_length].mean(0) @ gate.T, dim=-1))
+            else:
+                source = x_BLD[b].mean(0) if per == "sequence" else x_BLD[b, t]
+                p = torch.softmax(source @ gate.T, dim=-1)
             merged = {name: torch.einsum("e,e...->...", p, w) for name, w in e.expert_weights().items()}
             h = x_BLD[b, t] @ merged["w1_EDF"] + merged.get("b1_EF", 0)
             if e.activation == "gelu":
@@ -44,11 +50,11 @@ def merged_ffn_by_definition(moe: MoELayer, x_BLD: torch.Tensor, per: str) -> to
     return out
 
 
-@pytest.mark.parametrize("per", ["sequence", "token"])
+@pytest.mark.parametrize("per", ["sequence", "token", "segment"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_the_layer_is_the_ffn_of_merged_parameters_and_its_gradients_match(per, activation):
     moe = layer(per, activation)
-    x = torch.randn(3, 5, 16, requires_grad=True)
+    x = torch.randn(3, 6 if per == "segment" else 5, 16, requires_grad=True)
     y = moe(x)
     x_ref = x.detach().clone().requires_grad_(True)
     reference = merged_ffn_by_definition(moe, x_ref, per)
@@ -62,7 +68,7 @@ def test_the_layer_is_the_ffn_of_merged_parameters_and_its_gradients_match(per, 
     assert grads[1].abs().sum() > 0  # the router learns through the merge
     assert all(bool((g.flatten(1).abs().sum(1) > 0).all()) for g in grads[2:])  # every expert gets a gradient
     plan = moe.last_plan
-    assert plan.tokens_per_expert_E.sum().item() == pytest.approx(15.0)  # soft counts: one token's worth each
+    assert plan.tokens_per_expert_E.sum().item() == pytest.approx(x.shape[0] * x.shape[1])  # soft counts: one token's worth each
     assert moe.aux_losses == {} or set(moe.aux_losses) == {"zloss"}
 
 
@@ -108,3 +114,22 @@ def test_the_causal_lm_refuses_the_per_sequence_form_and_trains_the_per_token_on
     for folder, metric in (("lm", "val/bpb"), ("vit", "val/acc")):
         record = json.loads((tmp_path / folder / "metrics.json").read_text())
         assert record["status"] == "ok" and record[metric] is not None
+
+
+def test_segment_routing_is_causal_and_costs_one_ffn_a_token():
+    """Lory's causal segments: changing tokens after t never changes the logits up to t, in a
+    tiny causal LM of segment-routed SMEAR layers (a segment routed on its own mean would
+    leak); the cost attributes say one FFN per token, and E for the per-token form."""
+    from ..models.test_lm import causal_probe, tiny_lm
+
+    torch.manual_seed(0)
+    model = tiny_lm(partial(SmearRouter, per="segment", segment_length=4),
+                    partial(GroupedExperts, num_experts=4, activation="swiglu"), moe_every=1)
+    for train in (True, False):
+        future_leaks, past_matters = causal_probe(model, train=train)
+        assert not future_leaks and past_matters
+    assert SmearRouter(16, 4, per="segment").expert_passes_per_token == 1
+    assert SmearRouter(16, 4, per="token").expert_passes_per_token == 4
+    with pytest.raises(ConfigError, match="router.segment_length=5 must divide the sequence length 12"):
+        tiny_lm(partial(SmearRouter, per="segment", segment_length=5),
+                partial(GroupedExperts, num_experts=4, activation="swiglu"), moe_every=1)(torch.zeros(1, 12, dtype=torch.long))

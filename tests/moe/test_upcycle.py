@@ -66,9 +66,9 @@ def test_upcycled_lm_computes_the_dense_lm(shared, k):
     torch.testing.assert_close(logits_moe, logits_dense, atol=1e-5, rtol=1e-4)
     loss = lambda logits: F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())  # noqa: E731
     assert abs(loss(logits_moe).item() - loss(logits_dense).item()) < 1e-4
-    # The router starts at zero; every expert is the dense FFN of its block.
+    # The router starts small and random (std 0.02); every expert is the dense FFN of its block.
     layer = moe.blocks[1].ffn
-    assert torch.count_nonzero(layer.router.gate.weight) == 0
+    assert 0.01 < layer.router.gate.weight.std().item() < 0.03
     torch.testing.assert_close(layer.experts.w1_EDF[3], dense.blocks[1].ffn.w1_DH)
 
 
@@ -97,6 +97,25 @@ def test_a_fine_grained_split_gives_the_dense_ffn_in_expectation():
     E = layer.experts.num_experts
     every_expert = torch.stack([layer.experts(x, F.one_hot(torch.tensor(e), E) * 6) for e in range(E)])
     torch.testing.assert_close(layer.shared_experts(x) + every_expert.mean(0), ffn(x), atol=1e-5, rtol=1e-4)
+
+
+def test_upcycled_routers_spread_the_tokens_at_step_0():
+    """A zero router ties every logit and top-k breaks the tie the same way for every token:
+    all tokens on the same 2 experts. The default small random router spreads them over
+    every expert."""
+    torch.manual_seed(0)
+    dense = lm(moe_every=0)
+    tokens = torch.randint(0, 64, (8, 32))
+    for std in (0.0, 0.02):
+        moe = lm(moe_every=1, experts=8)
+        upcycle_model(moe, dense.state_dict(), router_std=std) if std == 0.0 else upcycle_model(moe, dense.state_dict())
+        moe.eval()(tokens)
+        loads = torch.stack([block.ffn.last_plan.tokens_per_expert_E for block in moe.blocks])
+        if std == 0.0:
+            assert ((loads == tokens.numel()).sum(1) == 2).all() and ((loads == 0).sum(1) == 6).all(), loads
+        else:
+            assert (loads > 0).all(), loads  # every expert of every layer gets tokens
+            assert (loads.max(1).values < 0.5 * tokens.numel()).all(), loads
 
 
 def test_upcycling_refuses_what_it_cannot_build():

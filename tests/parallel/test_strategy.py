@@ -5,7 +5,6 @@ FSDP+EP save and resharded resume, DDP inside a multirun, and the MoE lifecycle 
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab.moe import ConfigError
 from moelab.moe.routed import moe_layers
 from moelab.tasks.finetune import parameter_groups
 from moelab.run.build import build

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from moelab.models.build import build_model
 from moelab.moe.errors import ConfigError

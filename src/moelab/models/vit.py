@@ -95,6 +95,7 @@ class MoEViT(nn.Module):
                 aux_loss_weights=aux_loss_weights,
                 layer_index=i,
                 match_dense_flops=match,
+                dense_activation="gelu",  # timm's Mlp: experts match its FLOPs, not its width
                 router_facts={"num_positions": self.num_patches + self.vit.num_prefix_tokens},
             )
             layer.reset_parameters(in_std=TIMM_INIT_STD, out_std=TIMM_INIT_STD, dense_hidden=hidden)

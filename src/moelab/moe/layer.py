@@ -25,10 +25,12 @@ class MoELayer(nn.Module):
 
     Width: with `match_dense_flops=False`, `hidden` is each expert's width F. With
     `match_dense_flops=True`, `hidden` is the width H of the dense FFN this layer replaces,
-    and F is chosen so one token's active expert units equal H: F = H·m / (r + s), r the
-    fine experts a token is routed to and s the shared ones (top-k: F = H / k). F/m is
-    rounded to a multiple of 8 (the grouped matmul's alignment), with a warning when
-    that moves the active width off H.
+    and F is chosen so one token's active expert FLOPs equal the dense FFN's: F = H·m·c / (r + s),
+    r the fine experts a token is routed to, s the shared ones (top-k: F = H / k), and c the
+    dense FFN's matrices over an expert's (`dense_activation`: a GELU MLP has two, SwiGLU
+    and GeGLU experts three, so c = 2/3 beside a GELU dense FFN; 1 when they match). F/m is
+    rounded to a multiple of 8 (the grouped matmul's alignment), with a warning when that
+    moves the active FLOPs off the dense FFN's.
 
     Fine-grained and shared experts (DeepSeekMoE, Dai et al. 2024, sec. 3): with
     granularity m and s shared experts a top-k router routes each token to k·m − s of the
@@ -52,6 +54,7 @@ class MoELayer(nn.Module):
         layer_index: int | None = None,
         match_dense_flops: bool = False,
         router_facts: Mapping[str, object] | None = None,
+        dense_activation: str | None = None,
     ) -> None:
         super().__init__()
         self.layer_index = layer_index
@@ -79,7 +82,7 @@ class MoELayer(nn.Module):
             ) from error
         self.dense_hidden = hidden if match_dense_flops else None
         if match_dense_flops:
-            self.experts = experts(d_model=d_model, hidden=self._matched_width(hidden, granularity))
+            self.experts = experts(d_model=d_model, hidden=self._matched_width(hidden, granularity, shape, dense_activation))
         if getattr(self.router, "kind", None) == "smear" and not hasattr(self.experts, "merged_forward"):
             raise ConfigError(f"router=smear merges the experts' weights, which {type(self.experts).__name__} cannot: "
                               "use expert=mlp, swiglu or geglu")
@@ -120,14 +123,20 @@ class MoELayer(nn.Module):
             )
         return {"k": routed}
 
-    def _matched_width(self, dense_hidden: int, granularity: int) -> int:
-        """Coarse expert width F with (r + s)·F/m = dense_hidden, F/m a multiple of 8."""
+    def _matched_width(self, dense_hidden: int, granularity: int, shape: nn.Module, dense_activation: str | None) -> int:
+        """Coarse expert width F with (r + s)·F/m·(matrices of an expert) = H·(matrices of the
+        dense FFN), F/m a multiple of 8."""
         active = float(getattr(self.router, "experts_per_token", 1)) + self.num_shared
-        fine = max(8, round(dense_hidden / active / 8) * 8)
-        if abs(fine * active - dense_hidden) > 1e-6 * dense_hidden:
+        expert_activation = getattr(shape, "activation", None)
+        ratio = 1.0
+        if dense_activation is not None and expert_activation is not None:
+            ratio = _matrices(dense_activation) / _matrices(expert_activation)
+        units = dense_hidden * ratio  # the dense FFN's FLOPs in expert units
+        fine = max(8, round(units / active / 8) * 8)
+        if abs(fine * active - units) > 1e-6 * units:
             warnings.warn(
-                f"MoE layer{'' if self.layer_index is None else f' {self.layer_index}'}: experts of {fine * granularity} units ({fine} per fine expert) give "
-                f"{fine * active:g} active units per token, not the dense FFN's {dense_hidden}: "
+                f"MoE layer{'' if self.layer_index is None else f' {self.layer_index}'}: experts of {fine * granularity} "
+                f"units ({fine} per fine expert) give {fine * active / units:.3f} of the dense FFN's FLOPs per token: "
                 "pick a dense width divisible by 8·(active experts per token) for equal FLOPs",
                 stacklevel=3,
             )
@@ -205,3 +214,8 @@ class MoELayer(nn.Module):
         if self.training:
             self.aux_losses, self.aux_loss = aux_losses_of(plan, self.aux_loss_weights, x.device)
         return y_TD.reshape(x.shape).to(x.dtype)
+
+
+def _matrices(activation: str) -> int:
+    """Weight matrices of an FFN: two for GELU (in, out), three for the gated SwiGLU and GeGLU."""
+    return 2 if activation == "gelu" else 3

@@ -26,11 +26,13 @@ def routed_layers(model: nn.Module) -> list[nn.Module]:
 def active_parameters(model: nn.Module) -> int:
     """Parameters one token uses: all of them, except that each routed layer (MoE FFN or
     mixture of attention heads) counts only the share experts_per_token / E of its experts
-    (Soft MoE, whose share depends on the sequence length, counts as 1 expert per token)."""
+    (Soft MoE at its default of a slot per token counts as 1 expert per token; per-token SMEAR,
+    which runs every expert for every token, as all of them)."""
     total = sum(param.numel() for param in model.parameters())
     for layer in routed_layers(model):
         routed = sum(param.numel() for param in layer.experts.parameters())
-        share = getattr(layer.router, "experts_per_token", 1) / layer.num_experts
+        per_token = getattr(layer.router, "expert_passes_per_token", getattr(layer.router, "experts_per_token", 1))
+        share = per_token / layer.num_experts
         total -= round(routed * (1 - min(share, 1.0)))
     return total
 

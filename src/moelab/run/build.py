@@ -11,7 +11,9 @@ from omegaconf import DictConfig
 
 from moelab.models.build import build_model
 from moelab.moe.errors import ConfigError, check_num_experts
+from moelab.run import resolvers  # noqa: F401 - the ${moelab.*:} resolvers the configs it builds use
 from moelab.run.settings import check_setting_types
+
 
 def instantiate_all(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every `_target_` entry of a dict-of-configs group (callbacks, logger)."""

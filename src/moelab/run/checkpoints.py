@@ -115,8 +115,24 @@ def load_model_weights(path: str, key: str = "init_from") -> dict[str, torch.Ten
     return read_model_state(path, key)[0]
 
 
+def start_from_teacher(student: nn.Module, teacher: nn.Module) -> str:
+    """`teacher_init_shared`: copy into the student every teacher weight outside the MoE
+    layers, i.e. every entry of the student's state dict that the teacher has under the same
+    name and shape (Switch's distillation, Fedus et al. 2021, sec. 5). The student's FFNs
+    where the teacher has MoE layers keep their own init. Returns a line for the log."""
+    own, theirs = student.state_dict(), teacher.state_dict()
+    copied = {k: v for k, v in theirs.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not copied:
+        raise ConfigError("teacher_init_shared=true: the teacher shares no weight with this model (another "
+                          "architecture or width): train the student as the teacher's dense twin (model.moe_every=0)")
+    student.load_state_dict(copied, strict=False)
+    kept = [k for k in own if k not in copied]
+    return (f"Started {len(copied)} of the student's {len(own)} weights from the teacher"
+            + (f"; {len(kept)} keep their init (e.g. {kept[0]})" if kept else ""))
+
+
 def start_from_weights(model: nn.Module, path: str, upcycle: bool = False, noise: float = 0.0,
-                       router_std: float = 0.0, seed: int = 0) -> str:
+                       router_std: float = 0.02, seed: int = 0) -> str:
     """`init_from`: load a checkpoint's weights into `model` for a new run (fresh optimizer,
     step 0). With `upcycle`, the checkpoint is the dense twin and every MoE layer starts
     from its dense FFN (moelab.moe.lifecycle.upcycle). Returns a line for the log."""

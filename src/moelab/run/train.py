@@ -23,13 +23,30 @@ from omegaconf import DictConfig, OmegaConf
 
 from moelab.callbacks.checkpoint import LastCheckpoint
 from moelab.models.placement import is_dense_twin
+from moelab.moe.errors import ConfigError
 from moelab.run import resolvers  # noqa: F401 - registers the ${moelab.*:} resolvers the configs use
 from moelab.run.build import build, check_config
-from moelab.run.checkpoints import check_resumable, start_from_weights
+from moelab.run.checkpoints import (
+    check_resumable,
+    start_from_teacher,
+    start_from_weights,
+)
 from moelab.run.errors import RunEnded, debug_requested, first_line, say, user_error
-from moelab.run.launch import in_multirun, relaunch_as_single_run, requeued_checkpoint, restored_launcher_env
 from moelab.run.folder import RunLock, check_writable, remove_unused_run_folder
-from moelab.run.records import DIVERGED, ERROR, INTERRUPTED, METRICS_FILE, OK, write_record
+from moelab.run.launch import (
+    in_multirun,
+    relaunch_as_single_run,
+    requeued_checkpoint,
+    restored_launcher_env,
+)
+from moelab.run.records import (
+    DIVERGED,
+    ERROR,
+    INTERRUPTED,
+    METRICS_FILE,
+    OK,
+    write_record,
+)
 from moelab.run.summary import print_config_tree, run_hparams, summary_line
 from moelab.tasks.checkpoint_io import load_model
 from moelab.tasks.divergence import Diverged
@@ -175,7 +192,7 @@ def _report(exc: BaseException, run_state: _Run) -> None:
         _write_record(run_state, status, reason)
         if in_multirun() and not debug_requested():
             log.exception("moelab: this job failed; the sweep goes on")
-            return None
+            return
         raise exc
     if debug_requested():
         _write_record(run_state, status, reason)
@@ -186,7 +203,7 @@ def _report(exc: BaseException, run_state: _Run) -> None:
         _write_record(run_state, status, reason)
     if in_multirun():
         log.error(f"moelab: error: {reason}")
-        return None
+        return
     raise RunEnded(1, say(f"moelab: error: {reason}")) from None
 
 
@@ -225,12 +242,21 @@ def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
     if init_from and ckpt_path is None:  # a resumed run has its own weights
         model_cfg = cfg.model
         line = start_from_weights(task.model, str(init_from), bool(model_cfg.get("upcycle", False)),
-                                  float(model_cfg.get("upcycle_noise", 0.0)), float(model_cfg.get("upcycle_router_std", 0.0)),
+                                  float(model_cfg.get("upcycle_noise", 0.0)), float(model_cfg.get("upcycle_router_std", 0.02)),
                                   seed=cfg.seed)
         if trainer.is_global_zero:
             log.info(line)
+    if cfg.get("teacher_init_shared") and not cfg.get("teacher"):
+        raise ConfigError("teacher_init_shared=true copies weights from the teacher: add teacher=<checkpoint>")
     if cfg.get("teacher"):  # attached on every start, resumed or not: checkpoints leave it out
-        task.attach_teacher(load_model(str(cfg.teacher)))
+        teacher = load_model(str(cfg.teacher))
+        if cfg.get("teacher_init_shared") and ckpt_path is None:
+            if init_from:
+                raise ConfigError("teacher_init_shared=true and init_from both set the starting weights: pick one")
+            line = start_from_teacher(task.model, teacher)
+            if trainer.is_global_zero:
+                log.info(line)
+        task.attach_teacher(teacher)
     # weights_only=True always, URLs included (Lightning would unpickle those in full).
     run_state.fit_started = True
     trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

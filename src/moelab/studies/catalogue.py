@@ -34,7 +34,7 @@ STUDIES = [
         "At equal compute per token, a sparse MoE reaches a lower loss than its dense twin "
         "(Shazeer et al. 2017; Fedus et al. 2021, Switch, Fig. 1).",
         [Sweep("lm", LM, {"model.moe_every": ["0", "2"]}, language=True)],
-        ["val/bpb", "test/bpb"],
+        ["val/bpb", "test/bpb"], seeds=5,
         extra=both(verdict_moe_vs_dense, lambda c: copy_figure(c, "lm", "curve_val_bpb.png", "validation bits per byte")),
     ),
     Study(
@@ -49,8 +49,8 @@ STUDIES = [
         "balance_loss", "The load-balancing loss (ViT)",
         "The auxiliary balance loss evens out expert load at little cost in quality; without it "
         "routing is imbalanced or collapses (Fedus et al. 2021, sec. 2.2).",
-        [Sweep("weight", ["loss=balance"], {"loss.balance": ["0", "0.001", "0.01", "0.1"]})],
-        ["val/acc", "test/acc"],
+        [Sweep("weight", ["loss=balance"], {"loss.balance": ["0", "0.01", "0.1"]})],
+        ["val/acc", "test/acc"], seeds=5,
         extra=both(lambda c: ["Final load per layer (mean over MoE layers of the last logged value):", "",
                               *routing_table(c, {"load_max_over_mean": "load max/mean", "load_cv": "load CV"}),
                               *copy_figure(c, "weight", "routing_load_max_over_mean.png", "load max/mean per layer")],
@@ -69,7 +69,9 @@ STUDIES = [
         "capacity", "Capacity factor of Switch top-1 (ViT)",
         "Raising the training capacity factor drops fewer tokens and improves quality, with "
         "diminishing returns (Fedus et al. 2021, Table 1).",
-        [Sweep("factor", ["router=switch"], {"router.capacity_factor": ["0.5", "1.0", "1.25", "2.0", "null"]})],
+        [Sweep("factor", ["router=switch"], {"router.capacity_factor": ["0.5", "1.0", "1.25", "2.0"]}),
+         # Dropless in training and at evaluation (Switch's evaluation factor is 2.0 otherwise).
+         Sweep("dropless", ["router=switch", "router.capacity_factor=null", "router.eval_capacity_factor=null"])],
         ["val/acc", "test/acc"],
         extra=both(lambda c: ["Final share of assignments dropped in training (mean over MoE layers):", "",
                               *routing_table(c, {"dropped_fraction": "dropped fraction"})],
@@ -92,7 +94,7 @@ STUDIES = [
         "and costs what the clean runs cost, so it fits the same budget.",
         [Sweep("routers", ["experiment=vit_digits_hard"], {"router": ["topk", "expert_choice", "soft", "hash"]}),
          Sweep("dense_twin", ["experiment=vit_digits_hard", "model.moe_every=0"])],
-        ["val/acc", "test/acc", "val/loss"],
+        ["val/acc", "test/acc", "val/loss"], seeds=5,
         extra=partial(verdict_routers, against_topk=("expert_choice", "soft", "hash")),
     ),
     Study(
@@ -103,13 +105,16 @@ STUDIES = [
         ["val/acc", "test/acc", "val/loss"], extra=verdict_noisy,
     ),
     Study(
-        "soft_moe_tokens", "Soft MoE with more tokens per image (ViT, patch size 1)",
-        "Soft MoE beats token-choice routers when a sequence has many tokens per slot "
-        "(Puigcerver et al. 2023); the default ViT has only 16 patches.",
+        "soft_moe_tokens", "Soft MoE vs top-k at equal FLOPs, with more tokens per image (ViT, patch size 1)",
+        "Soft MoE beats token-choice routers at equal compute when a sequence has many tokens "
+        "(Puigcerver et al. 2023); the default ViT has only 16 patches. At 64 tokens per image and 8 "
+        "experts as wide as the dense MLP, 8 slots per expert (64 slots) cost the dense MLP's FLOPs, "
+        "as top-2 of half-width experts does; 1 slot per expert costs a fraction of them (its FLOP "
+        "column says how much) and is shown as the paper's cheaper setting, not at equal compute.",
         [Sweep("soft", [*PATCH1, "router=soft"], {"router.slots_per_expert": ["1", "8"]}),
          Sweep("topk", [*PATCH1, "router=topk"]),
          Sweep("dense", [*PATCH1, "model.moe_every=0"])],
-        ["val/acc", "test/acc", "val/loss"], seeds=2, extra=verdict_soft,
+        ["val/acc", "test/acc", "val/loss"], seeds=5, extra=verdict_soft,
     ),
     Study(
         "upcycling", "Sparse upcycling of the dense LM",

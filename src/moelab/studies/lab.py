@@ -65,7 +65,8 @@ class Lab:
 
     def merge(self, source: str) -> tuple[str, list[list[str]]]:
         """scripts/merge_experts.py on `source`'s checkpoint: the command and its table rows."""
-        args = [str(self.ckpt(source)), "--to", "4", "2", "1", "--method", "usage", "uniform", "similarity"]
+        args = [str(self.ckpt(source)), "--to", "4", "2", "1", "--method", "mc-smoe", "neighbour-usage",
+                "neighbour-mean", "weight-similarity"]
         command = "python scripts/merge_experts.py " + " ".join(args).replace(str(self.out), self.shown_out)
         result = subprocess.run([sys.executable, "scripts/merge_experts.py", *args], cwd=ROOT, capture_output=True, text=True)
         if result.returncode != 0:

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from moelab.studies.catalogue import STUDIES
-from moelab.studies.study import ROOT, Context, run_sweep, shown_path, study_section
+from moelab.studies.study import ROOT, Context, flops_cell, run_sweep, shown_path, study_section
 from moelab.sweeps.jobs import collect_jobs
 from moelab.sweeps.report import group_jobs, spread, write_report
 
@@ -27,9 +27,11 @@ def routers_table(folder: Path, twin_folder: Path) -> list[str]:
     twin = [j for g in group_jobs(collect_jobs(twin_folder)) for j in g.jobs] if twin_folder.is_dir() else []
     if twin:
         rows.append(("*dense twin* (`model.moe_every=0`)", twin))
-    lines = ["| router | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    lines = ["| router | n | FFN FLOPs / dense | " + " | ".join(metrics) + " |", "|---|---|---|" + "---|" * len(metrics)]
     for name, jobs in rows:
-        lines.append(f"| {name} | {len(jobs)} | " + " | ".join(str(spread([j["metrics"].get(m) for j in jobs])) for m in metrics) + " |")
+        flops = flops_cell(Path(jobs[0]["dir"])) if "dir" in jobs[0] else "—"
+        lines.append(f"| {name} | {len(jobs)} | {flops} | "
+                     + " | ".join(str(spread([j["metrics"].get(m) for j in jobs])) for m in metrics) + " |")
     return lines
 
 

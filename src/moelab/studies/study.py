@@ -231,10 +231,11 @@ def study_section(study: Study, context: Context, commands: list[str], steps: st
     for sweep, folder in context.folders.items() if study.metrics else ():
         jobs = collect_jobs(folder)
         groups = group_jobs(jobs)
-        header = [*groups[0].varying, "n", *study.metrics]
+        header = [*groups[0].varying, "n", "FFN FLOPs / dense", *study.metrics]
         lines += [f"`{sweep}`:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for group in groups:
             cells = [group.overrides.get(k, "") for k in group.varying] + [str(len(group.jobs))]
+            cells.append(flops_cell(folder / group.jobs[0]["job"]))
             cells += [str(spread([j["metrics"].get(m) for j in group.jobs])) for m in study.metrics]
             lines.append("| " + " | ".join(cells) + " |")
         failed = [j["job"] for j in jobs if j["status"] != "ok"]
@@ -247,6 +248,28 @@ def study_section(study: Study, context: Context, commands: list[str], steps: st
         except (KeyError, statistics.StatisticsError) as missing:  # quick grids, or a setting with no finished job
             lines += [f"*(No verdict: this run lacks the setting or values it compares: {missing}.)*", ""]
     return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=None)
+def arm_flops(job_dir: Path) -> float | None:
+    """A job's FFN FLOPs per token ÷ its dense twin's, counted on one forward of each model
+    its stored config builds (moelab.models.flops); None if it has no config."""
+    from omegaconf import OmegaConf
+
+    from moelab.models.flops import ffn_flops_ratio
+    from moelab.models.targets import check_targets
+
+    stored = job_dir / ".hydra" / "config.yaml"
+    if not stored.is_file():
+        return None
+    config = OmegaConf.load(stored)
+    check_targets(config, str(stored))  # a run folder's config is a file: data, not code
+    return ffn_flops_ratio(config)["ffn"]
+
+
+def flops_cell(job_dir: Path) -> str:
+    ratio = arm_flops(job_dir)
+    return "—" if ratio is None else f"{ratio:.2f}"
 
 
 def context_seeds(context: Context) -> str:

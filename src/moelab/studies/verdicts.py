@@ -53,9 +53,16 @@ verdict_balance = verdict_statistic(
 verdict_zloss = verdict_statistic(
     "weight", "router_z", {"0": "final router z without z-loss", "0.001": "at 0.001", "0.01": "at 0.01"},
     "0.001", "0", "val/acc at 0.001 minus at 0")
-verdict_capacity = verdict_statistic(
-    "factor", "dropped_fraction", {"0.5": "dropped fraction at cf 0.5", "1.25": "1.25", "null": "dropless"},
-    "null", "0.5", "val/acc dropless minus cf 0.5")
+def verdict_capacity(c: Context) -> list[str]:
+    """The dropped share by training capacity factor, and dropless (training and evaluation)
+    against the smallest factor."""
+    dropped = values_by_group(c, "factor", "final dropped_fraction")
+    acc = values_by_group(c, "factor", "val/acc")
+    dropless = values_by_group(c, "dropless", "val/acc")["all"]
+    tests = Comparisons()
+    first = tests.add("val/acc dropless − cf 0.5", dropless, acc["0.5"])
+    at = ", ".join(f"cf {factor} {fmt(dropped[factor])}" for factor in sorted(dropped, key=float))
+    return [f"**Measured.** Dropped fraction in training: {at}, dropless 0; {tests.text(first)}.", ""]
 
 
 def verdict_routers(c: Context, against_topk: tuple[str, ...] = ("soft", "expert_choice", "noisy_topk")) -> list[str]:
@@ -96,8 +103,11 @@ def verdict_soft(c: Context) -> list[str]:
     tests = Comparisons()
     indices = [tests.add(f"soft, {p} slot(s) per expert − topk", v, topk) for p, v in soft.items()]
     parts = [f"soft, {p} slot(s) per expert: {fmt(v)}" for p, v in soft.items()]
+    equal = indices[list(soft).index("8")] if "8" in soft else None
+    held = ("" if equal is None else
+            f"At equal FLOPs (8 slots per expert) the claim {'holds' if tests.holds(equal, +1) else 'does not hold'} here.")
     return ["**Measured** at 64 tokens per image: " + "; ".join(parts) + f"; topk {fmt(topk)}; dense twin {fmt(dense)}.",
-            "", *(f"- {tests.text(i)}" for i in indices), ""]
+            "", *(f"- {tests.text(i)}" for i in indices), "", held, ""]
 
 
 def verdict_upcycling(c: Context) -> list[str]:

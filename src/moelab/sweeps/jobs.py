@@ -19,14 +19,14 @@ def _job_sort_key(path: Path) -> tuple[int, str]:
 
 
 def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One record per job folder of a sweep: {"job", "overrides": {key: value}, "metrics":
+    """One record per job folder of a sweep: {"job", "dir", "overrides": {key: value}, "metrics":
     {name: float | None}, "status", "reason"} (a job without metrics.json is an error)."""
     jobs = []
     for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml"), key=lambda p: _job_sort_key(p.parents[1])):
         job_dir = overrides_file.parents[1]
         overrides = dict(parse_override(o) for o in (yaml.safe_load(overrides_file.read_text()) or []))
         record = read_record(job_dir / METRICS_FILE)
-        jobs.append({"job": job_dir.name, "overrides": overrides, "metrics": record["metrics"],
+        jobs.append({"job": job_dir.name, "dir": str(job_dir), "overrides": overrides, "metrics": record["metrics"],
                      "status": record["status"], "reason": record["reason"] or ""})
     return jobs
 

@@ -4,11 +4,17 @@ a trained dense FFN, so training continues from the dense model instead of from 
 Expert widths decide the construction:
 
 - Copies (expert width f equal to the dense width H, granularity 1): every expert gets
-  the dense FFN. With a router whose weights sum to 1 over a token's experts (top-k with
-  `normalize=True`, dense gating, Soft MoE's combine), the layer computes exactly the
-  dense FFN: Σᵢ gᵢ FFN(x) = FFN(x). Shared experts (DeepSeekMoE) are copies too, and every
-  output projection is scaled by 1/(1 + s) so that s shared copies plus the routed mixture
-  still sum to FFN(x).
+  the dense FFN. With a router whose weights sum to 1 over a token's experts and which
+  feeds each expert the token itself (top-k with `normalize=True` (also noisy, cosine,
+  aux-free, Sinkhorn with k ≥ 2), dense gating, hash (weight 1), SMEAR (a convex mix of
+  identical weights)), the layer computes exactly the dense FFN at step 0, whatever the
+  router's start: Σᵢ gᵢ FFN(x) = FFN(x). Not exact: Switch top-1 and top-k with
+  `normalize=false` scale the FFN by the chosen probabilities, about k/E at a small
+  router init (1/E for Switch); expert choice gives a token the weights of the experts that
+  picked it (any sum, 0 for a dropped token); Soft MoE feeds experts mixes of tokens, so
+  FFN(mix) ≠ mix of FFN. Shared experts (DeepSeekMoE) are copies too, and every output
+  projection is scaled by 1/(1 + s) so that s shared copies plus the routed mixture still
+  sum to FFN(x).
 - A fine-grained split (f < H, f dividing H: DeepSeekMoE's granularity, or experts
   narrower than the dense FFN): the dense hidden units are cut into n = H / f slices.
   The s shared experts take the first s slices, and routed fine expert i takes slice
@@ -17,8 +23,11 @@ Expert widths decide the construction:
   FFN(x) in expectation: every slice once, from the shared experts or, on average, from
   the routed ones. It is not exact for a given token.
 
-The router starts at zero (every expert equally likely, so the copies are used evenly)
-or from N(0, router_std²). `noise` adds N(0, (noise · std(W))²) to each copied weight so
+The router's gate starts from N(0, router_std²), 0.02 by default (the paper initialises the
+new router afresh). A zero router (router_std=0) is a trap: every logit ties, top-k breaks
+the tie by index, so every token goes to the same k experts, and the task gradient of the
+router is exactly zero there (the k copies are identical), so nothing breaks the tie but
+the balance loss. `noise` adds N(0, (noise · std(W))²) to each copied weight so
 that experts can drift apart (Komatsuzaki et al. found no need for it; it is off by default).
 
 A whole model (`upcycle_model`) is upcycled from its dense twin's state dict, the same
@@ -61,7 +70,7 @@ def _noisy(weight: Tensor, noise: float, generator: torch.Generator | None) -> T
 
 
 @torch.no_grad()
-def upcycle_layer(layer: MoELayer, dense: DenseWeights, noise: float = 0.0, router_std: float = 0.0,
+def upcycle_layer(layer: MoELayer, dense: DenseWeights, noise: float = 0.0, router_std: float = 0.02,
                   generator: torch.Generator | None = None) -> None:
     """Set `layer`'s experts (and shared experts) from the dense FFN `dense` and restart
     its router (module docstring). Refuses, in one line, what cannot be built."""
@@ -142,8 +151,8 @@ def _copy_bias(target: Tensor, source: Tensor | None) -> None:
 
 @torch.no_grad()
 def restart_router(router: nn.Module, std: float = 0.0, generator: torch.Generator | None = None) -> None:
-    """Zero (or draw from N(0, std²)) the router's gate, so experts start equally likely.
-    Routers without a linear gate (hash, cosine's projection) keep their own start."""
+    """Draw the router's gate from N(0, std²) (zero it for std=0), so experts start about
+    equally likely. Routers without a linear gate (hash, cosine's projection) keep their own start."""
     gate = getattr(router, "gate", None)
     if not isinstance(gate, nn.Linear):
         return
@@ -166,7 +175,7 @@ def dense_ffn_weights(state: Mapping[str, Tensor], prefix: str) -> DenseWeights 
 
 
 def upcycle_model(model: nn.Module, dense_state: Mapping[str, Tensor], noise: float = 0.0,
-                  router_std: float = 0.0, seed: int = 0) -> list[str]:
+                  router_std: float = 0.02, seed: int = 0) -> list[str]:
     """Load `dense_state` (the dense twin's weights) into `model` and upcycle every MoE
     layer from the dense FFN at its place. Returns the upcycled layers' names."""
     layers = {name: module for name, module in model.named_modules() if isinstance(module, MoELayer)}

@@ -24,6 +24,7 @@ class AuxFreeRouter(TokenChoiceRouter):
     """
 
     normalize_configurable = False
+    expert_rows = ("gate.weight", "expert_bias_E")
 
     def __init__(
         self,
@@ -35,10 +36,12 @@ class AuxFreeRouter(TokenChoiceRouter):
         eval_capacity_factor: float | None = None,
         token_mask: str | None = None,
         rare_share: float = 0.5,
+        frequent_experts: int | None = None,
         vocab_size: int | None = None,
         layer_index: int | None = None,
     ) -> None:
-        super().__init__(num_experts, k, True, capacity_factor, eval_capacity_factor, False, token_mask, rare_share, vocab_size, layer_index)
+        super().__init__(num_experts, k, True, capacity_factor, eval_capacity_factor, False, token_mask, rare_share, vocab_size, layer_index,
+                         frequent_experts)
         if update_rate < 0:
             raise ConfigError(f"router.update_rate={update_rate} must be >= 0")
         self.update_rate = update_rate
@@ -99,10 +102,12 @@ class SinkhornRouter(TokenChoiceRouter):
         eval_capacity_factor: float | None = None,
         token_mask: str | None = None,
         rare_share: float = 0.5,
+        frequent_experts: int | None = None,
         vocab_size: int | None = None,
         layer_index: int | None = None,
     ) -> None:
-        super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor, False, token_mask, rare_share, vocab_size, layer_index)
+        super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor, False, token_mask, rare_share, vocab_size, layer_index,
+                         frequent_experts)
         self.max_iterations, self.tolerance = max_iterations, tolerance
         self.gate = linear_gate(d_model, num_experts)
 

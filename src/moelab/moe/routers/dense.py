@@ -15,6 +15,7 @@ class DenseRouter(nn.Module):
     """Dense softmax gating: every expert on every token, y_t = Σ_i p_t,i f_i(x_t)."""
 
     kind = "dense"
+    expert_rows = ("gate.weight",)
     supported_losses = frozenset({"zloss", "importance", "entropy"})
     causal_safe = True
 

@@ -19,6 +19,7 @@ class ExpertChoiceRouter(nn.Module):
     the plan's `unrouted_fraction`)."""
 
     kind = "expert_choice"
+    expert_rows = ("gate.weight",)
     supported_losses = frozenset({"zloss", "entropy"})
     causal_safe = False  # which tokens an expert takes depends on the whole batch
 

@@ -35,6 +35,7 @@ class HashRouter(nn.Module):
     """
 
     kind = "hash"
+    expert_rows: tuple[str, ...] = ()  # its key → expert map is remapped, not merged
     supported_losses = frozenset()
     causal_safe = True
     experts_per_token = 1

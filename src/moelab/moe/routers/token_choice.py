@@ -33,6 +33,9 @@ class TokenChoiceRouter(nn.Module):
 
     kind = "token_choice"
     supported_losses = TOKEN_CHOICE_LOSSES
+    # State entries with one row per expert (what merging experts must merge); every other
+    # entry is kept as it is.
+    expert_rows: tuple[str, ...] = ("gate.weight",)
     normalize_configurable = True  # False for routers whose weights are always renormalised
 
     def __init__(
@@ -47,6 +50,7 @@ class TokenChoiceRouter(nn.Module):
         rare_share: float = 0.5,
         vocab_size: int | None = None,
         layer_index: int | None = None,
+        frequent_experts: int | None = None,
     ) -> None:
         super().__init__()
         check_num_experts(num_experts)
@@ -71,7 +75,10 @@ class TokenChoiceRouter(nn.Module):
         self.batch_priority = batch_priority
         if token_mask not in (None, "frequency"):
             raise ConfigError(f"router.token_mask={token_mask!r} is unknown: pick null or frequency")
-        self.token_mask, self.rare_share = token_mask, rare_share
+        self.token_mask, self.rare_share, self.frequent_experts = token_mask, rare_share, frequent_experts
+        if frequent_experts is not None and (token_mask is None or not 1 <= frequent_experts <= num_experts):
+            raise ConfigError(f"router.frequent_experts={frequent_experts} is the experts each frequent id may use under "
+                              f"router.token_mask=frequency: between 1 and experts={num_experts}, or null for all")
         if token_mask is not None:
             if vocab_size is None:
                 raise ConfigError("router.token_mask masks experts per token id: use it with the language model (model=lm)")
@@ -89,7 +96,8 @@ class TokenChoiceRouter(nn.Module):
         """MaskMoE's mask (Su et al. 2024) from each id's training count: the rarest
         `rare_share` of the ids the training split shows, and every id it never shows, get one
         expert each, dealt so their token mass is balanced across experts (the hash layers'
-        balanced assignment); the other ids get every expert."""
+        balanced assignment); the other ids get `frequent_experts` = V experts each, drawn at
+        random (fixed by the layer's seed) as in the paper, or every expert (V null)."""
         vocab = self.allowed_VE.shape[0]
         counts_V = torch.as_tensor(counts_V).flatten()
         if counts_V.numel() > vocab:
@@ -103,6 +111,12 @@ class TokenChoiceRouter(nn.Module):
         rare_V = torch.cat([(frequency_V == 0).nonzero().flatten(), rarest_seen])
         expert_of_id = frequency_balanced_key_map(frequency_V[rare_V], self.num_experts, self.mask_seed)
         self.allowed_VE.fill_(True)
+        V, E = self.frequent_experts, self.num_experts
+        if V is not None and V < E:
+            draws_VE = torch.rand(vocab, E, generator=torch.Generator().manual_seed(self.mask_seed + 1))
+            chosen_VV = draws_VE.topk(V, dim=1).indices
+            self.allowed_VE.zero_()
+            self.allowed_VE.scatter_(1, chosen_VV.to(self.allowed_VE.device), True)
         self.allowed_VE[rare_V] = False
         self.allowed_VE[rare_V, expert_of_id] = True
 
@@ -183,7 +197,8 @@ class TopKRouter(TokenChoiceRouter):
     before the scores and the top-k. The rarest `rare_share` of the ids the training split
     shows (by count, fitted by the language task), and every id it never shows, get one
     expert each, dealt so their token mass is balanced across experts; the other ids get
-    every expert.
+    `frequent_experts` = V random experts each (fixed by the layer's seed), or every expert
+    when V is null.
     A rare token's choices beyond its one expert are skipped (weight 0, no row counted).
     The mask is a buffer: checkpoints carry it.
     """
@@ -200,11 +215,13 @@ class TopKRouter(TokenChoiceRouter):
         batch_priority: bool = False,
         token_mask: str | None = None,
         rare_share: float = 0.5,
+        frequent_experts: int | None = None,
         vocab_size: int | None = None,
         layer_index: int | None = None,
     ) -> None:
         super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor, batch_priority,
-                         token_mask, rare_share, vocab_size, layer_index)
+                         token_mask, rare_share, vocab_size, layer_index,
+                         frequent_experts)
         if score not in ("softmax", "sigmoid"):
             raise ConfigError(f"router.score='{score}' is unknown: pick softmax or sigmoid")
         self.score = score
@@ -243,12 +260,14 @@ class GShardRouter(TokenChoiceRouter):
         batch_priority: bool = False,
         token_mask: str | None = None,
         rare_share: float = 0.5,
+        frequent_experts: int | None = None,
         vocab_size: int | None = None,
         layer_index: int | None = None,
     ) -> None:
         if k != 2:
             raise ConfigError(f"router=gshard is top-2 by definition (router.k={k}): use router=topk for other k")
-        super().__init__(num_experts, 2, True, capacity_factor, eval_capacity_factor, batch_priority, token_mask, rare_share, vocab_size, layer_index)
+        super().__init__(num_experts, 2, True, capacity_factor, eval_capacity_factor, batch_priority, token_mask, rare_share, vocab_size, layer_index,
+                         frequent_experts)
         self.gate = linear_gate(d_model, num_experts)
 
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
@@ -279,6 +298,8 @@ class NoisyTopKRouter(TokenChoiceRouter):
     still 0 at the start.
     """
 
+    expert_rows = ("gate.weight", "noise.weight")
+
     supported_losses = TOKEN_CHOICE_LOSSES | {"load"}
     normalize_configurable = False
 
@@ -293,10 +314,12 @@ class NoisyTopKRouter(TokenChoiceRouter):
         noise_epsilon: float = 1e-2,
         token_mask: str | None = None,
         rare_share: float = 0.5,
+        frequent_experts: int | None = None,
         vocab_size: int | None = None,
         layer_index: int | None = None,
     ) -> None:
-        super().__init__(num_experts, k, True, capacity_factor, eval_capacity_factor, batch_priority, token_mask, rare_share, vocab_size, layer_index)
+        super().__init__(num_experts, k, True, capacity_factor, eval_capacity_factor, batch_priority, token_mask, rare_share, vocab_size, layer_index,
+                         frequent_experts)
         if k == num_experts:
             raise ConfigError("noisy_topk needs router.k < experts: with k = experts nothing is selected")
         self.gate = nn.Linear(d_model, num_experts, bias=False)
@@ -338,6 +361,8 @@ class CosineRouter(TokenChoiceRouter):
     with MoELayer's warning, like any loss a router does not support.
     """
 
+    expert_rows = ("expert_embeddings",)  # not `project`: its rows are projection dims
+
     supported_losses = TOKEN_CHOICE_LOSSES - {"zloss"}
 
     def no_weight_decay(self) -> set[str]:
@@ -358,10 +383,12 @@ class CosineRouter(TokenChoiceRouter):
         batch_priority: bool = False,
         token_mask: str | None = None,
         rare_share: float = 0.5,
+        frequent_experts: int | None = None,
         vocab_size: int | None = None,
         layer_index: int | None = None,
     ) -> None:
-        super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor, batch_priority, token_mask, rare_share, vocab_size, layer_index)
+        super().__init__(num_experts, k, normalize, capacity_factor, eval_capacity_factor, batch_priority, token_mask, rare_share, vocab_size, layer_index,
+                         frequent_experts)
         if init_temperature <= 0 or min_temperature <= 0:
             raise ConfigError("router.init_temperature and router.min_temperature must be > 0")
         self.project = nn.Linear(d_model, dim, bias=False)
