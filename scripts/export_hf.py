@@ -15,7 +15,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a moelab LM checkpoint: last.ckpt, best-*.ckpt or a sharded folder")
     parser.add_argument("out_dir", help="the folder to write")
-    args = parser.parse_args()
+    # The checkpoint as the first word, or as ckpt_path= as eval.py, predict.py and generate.py also take it.
+    args = parser.parse_args([a.removeprefix("ckpt_path=") for a in sys.argv[1:]])
     with one_line_errors():
         from moelab.use.export_hf import export
 

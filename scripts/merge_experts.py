@@ -97,7 +97,8 @@ def main() -> None:
                         help="mc-smoe: MC-SMoE's grouping, router kept; the others: averages (see the module docstring)")
     parser.add_argument("--split", default="val", choices=["val", "test"], help="calibration and evaluation split")
     parser.add_argument("--out", type=Path, help="write each merged checkpoint into this folder")
-    args = parser.parse_args()
+    # The checkpoint as the first word, or as ckpt_path= as eval.py, predict.py and generate.py also take it.
+    args = parser.parse_args([a.removeprefix("ckpt_path=") for a in sys.argv[1:]])
     try:
         # One weights_only load, with the same one-line errors as init_from and teacher.
         weights, config = read_model_state(args.checkpoint, key="checkpoint")

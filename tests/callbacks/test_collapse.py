@@ -29,10 +29,13 @@ def test_forced_collapse_raises_the_alarm_logs_the_flag_and_stops(tmp_path):
     cfg = compose_config(
         tmp_path, "debug=default", "data.batch_size=16", "loss=none", "router.k=1", "router.normalize=false",
         "callbacks.progress=null", "callbacks.collapse_alarm.patience=2", "callbacks.collapse_alarm.stop_on_collapse=true",
+        "task.warmup_steps=0",
     )
     datamodule, task, trainer = build(cfg)
     force_collapse_onto_expert_0(task.model)
-    with pytest.warns(UserWarning, match=r"dead experts at step 2: layer 1 experts \[1, 2, 3, 4, 5, 6, 7\]"):
+    # No balance loss in this run: the advice is to add one.
+    with pytest.warns(UserWarning, match=r"dead experts at step 2: layer 1 experts \[1, 2, 3, 4, 5, 6, 7\].*"
+                                         r"consider a balance loss \(loss=balance_zloss\)"):
         trainer.fit(task, datamodule=datamodule)
 
     alarm = next(cb for cb in trainer.callbacks if isinstance(cb, ExpertCollapseAlarm))
@@ -77,21 +80,47 @@ def test_alarm_state_survives_a_checkpoint_and_ignores_non_finite_steps(tmp_path
 
 
 def test_alarm_reads_the_plan_of_every_router_kind():
-    from functools import partial
+    """For every router, the experts the alarm finds low (patience 1) are those under 10 % of
+    the fair share by tokens per expert counted by hand (test_utilisation); and a SMEAR layer
+    whose merge puts all weight on expert 0 has experts 1-3 dead: SMEAR's soft counts are the
+    merge weights summed over tokens, so its alarm can fire."""
     from types import SimpleNamespace
 
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from moelab.moe import GroupedExperts, MoELayer
-
     from ..conftest import CONF
+    from .test_utilisation import every_router_layer, tokens_per_expert_by_hand
 
     trainer = SimpleNamespace(global_step=1, log_every_n_steps=1, is_global_zero=True, loggers=[], world_size=1)
     for path in sorted((CONF / "router").glob("*.yaml")):
-        layer = MoELayer(16, 32, instantiate(OmegaConf.load(path)), partial(GroupedExperts, num_experts=4), layer_index=0,
-                         router_facts={"vocab_size": 100})
-        layer(torch.randn(2, 8, 16), token_ids=torch.randint(0, 100, (2, 8)))
+        layer = every_router_layer(path)
         alarm = ExpertCollapseAlarm(patience=1)
         alarm.on_train_batch_end(trainer, torch.nn.Sequential(layer), None, None, 0)
-        assert 0 in alarm._streak, path.stem
+        counts = tokens_per_expert_by_hand(layer.last_plan)
+        low = [e for e, c in enumerate(counts) if c / sum(counts) < 0.1 / len(counts)]
+        assert alarm._streak[0].tolist() == [int(e in low) for e in range(len(counts))], path.stem
+        assert alarm.dead_experts[0] == low, path.stem
+
+    smear = every_router_layer(CONF / "router" / "smear.yaml")
+    with torch.no_grad():
+        smear.router.gate.weight.zero_()
+        smear.router.gate.weight[0] = 10.0
+        smear(torch.rand(2, 8, 16) + 0.5)  # positive inputs: expert 0's logit is far above the others'
+    alarm = ExpertCollapseAlarm(patience=1)
+    with pytest.warns(UserWarning, match=r"dead experts at step 1: layer 0 experts \[1, 2, 3\]"):
+        alarm.on_train_batch_end(trainer, torch.nn.Sequential(smear), None, None, 0)
+    assert alarm.dead_experts[0] == [1, 2, 3]
+
+
+def test_the_alarm_waits_for_the_warm_up_and_advises_a_stronger_balance_loss_when_there_is_one(tmp_path):
+    """Within the learning-rate warm-up nothing counts (routing moves fastest there); after
+    it, a run that has a balance loss is told to raise it, naming its weight."""
+    cfg = compose_config(
+        tmp_path, "debug=default", "data.batch_size=16", "loss=balance", "loss.balance=0.01", "router.k=1",
+        "router.normalize=false", "callbacks.progress=null", "callbacks.collapse_alarm.patience=1",
+        "task.warmup_steps=2",
+    )
+    datamodule, task, trainer = build(cfg)
+    force_collapse_onto_expert_0(task.model)
+    with pytest.warns(UserWarning, match=r"dead experts at step 2: .*loss.balance=0.01 now, e.g. 0.1"):
+        trainer.fit(task, datamodule=datamodule)
+    events = load_events(tmp_path / "tensorboard")
+    assert [e.step for e in events.Scalars(layer_scalar_tag(1, DEAD_EXPERTS))] == [2, 3, 4]  # none at step 1, in the warm-up

@@ -191,3 +191,28 @@ def test_the_loss_with_targets_is_the_logits_cross_entropy_with_the_same_gradien
     assert model.head.weight is model.embed.weight
     for name, p in model.named_parameters():
         torch.testing.assert_close(chunked[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_nucleus_keeps_the_fewest_likeliest_tokens_reaching_p():
+    """Written out: sort by probability, keep tokens while the mass before them is under p."""
+    from moelab.models.lm import nucleus
+
+    torch.manual_seed(3)
+    logits = torch.randn(4, 12)
+    for p in (0.05, 0.5, 0.9, 1.0):
+        kept = torch.isfinite(nucleus(logits, p))
+        for row in range(4):
+            probs = logits[row].softmax(-1).tolist()
+            order = sorted(range(12), key=lambda i: -probs[i])
+            expected, mass = set(), 0.0
+            for i in order:
+                if mass >= p:
+                    break
+                expected.add(i)
+                mass += probs[i]
+            assert set(kept[row].nonzero().flatten().tolist()) == expected, (p, row)
+    model = tiny_lm().eval()
+    prompt = torch.randint(0, VOCAB, (1, 5))
+    greedy = model.generate(prompt, 4, temperature=0.0)
+    tiny_p = model.generate(prompt, 4, temperature=1.0, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tiny_p, greedy)  # a nucleus of one token: the likeliest, as greedy picks

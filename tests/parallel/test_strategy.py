@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from moelab.data.digits import DigitsDataModule
 from moelab.models.build import build_model as model_of
 from moelab.moe.errors import ConfigError
 from moelab.moe.routed import moe_layers
@@ -165,3 +166,25 @@ def test_the_strategy_turns_param_dtype_into_fsdp2s_policy():
     assert FSDPExpertParallelStrategy().mp_policy.param_dtype is None
     with pytest.raises(ConfigError, match="param_dtype=int8 must be null, bf16 or fp16"):
         FSDPExpertParallelStrategy(param_dtype="int8")
+
+
+def test_two_ranks_test_every_image_once_and_equal_one_process(tmp_path):
+    """An odd test set (271 images) on 2 ranks: Lightning's sampler pads rank 1 with a repeat
+    of image 0; the tasks leave it out, so the test metrics equal one process's over the same
+    (barely trained: lr 1e-12) model. Without that, acc and loss count image 0 twice."""
+    common = ("task.lr=1e-12", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+              "data.test_fraction=0.151", "data.batch_size=32", "callbacks.progress=null", "trainer.accelerator=cpu",
+              "trainer.num_sanity_val_steps=0")
+    two = train_cli(tmp_path / "two", *common, "trainer=ddp", "trainer.devices=2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    from moelab.run.train import run
+
+    run(compose_config(tmp_path / "one", *common))
+    one_metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two_metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    data = DigitsDataModule(test_fraction=0.151)
+    data.setup()
+    assert len(data.splits["test"]) % 2 == 1
+    # acc is a count over the test images: equal exactly; the loss up to the order of its sum.
+    assert two_metrics["test/acc"] == one_metrics["test/acc"]
+    assert abs(two_metrics["test/loss"] - one_metrics["test/loss"]) < 1e-6

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,30 @@ def test_a_save_that_fails_mid_run_keeps_the_newest_good_checkpoint_and_says_whe
 
     assert torch.load(last, weights_only=True)["global_step"] == 3
     assert not (tmp_path / "checkpoints" / ".last.ckpt.partial").exists()
+
+
+def test_a_stopped_run_with_overrides_resumes_from_its_printed_line_pasted_verbatim(tmp_path):
+    """The run folder is named `<date_time>-<hash>` (no `=` or `,` from the overrides), and the
+    line printed at SIGINT is a whole command that a shell runs as printed — an override with
+    a space and a quote in it included."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    overrides = [*VIT_FAST, "trainer.max_epochs=2", "model.moe_every=2", "+callbacks.stop._target_=tests.stops.SignalAt",
+                 "+callbacks.stop.step=2", "+tags='a b, it\\'s'"]
+    stopped = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], cwd=tmp_path, capture_output=True,
+                             text=True, env={**env, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    (folder,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d-[0-9a-f]{6}", folder.name), folder.name
+    line = next(line for line in stopped.stderr.splitlines() if "resume with: " in line)
+    command = line.split("resume with: ", 1)[1]
+    assert f"ckpt_path={folder}/checkpoints/last.ckpt" in command
+    # The stop callback would stop the resumed run again at step 2: past it, it never fires.
+    resumed = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True,
+                             env={**env, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (second,) = set((tmp_path / "outputs" / "runs").iterdir()) - {folder}
+    assert json.loads((second / "metrics.json").read_text())["status"] == "ok"
+    import torch
+
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3  # stopped after step 2
+    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6  # resumed to the end

@@ -71,7 +71,7 @@ STOPS = {
     "sigint_during_validation": (("+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=6",
                                   "+callbacks.stop.during=validation"), 130, 7),
     # SIGINT in the last training step: training ends as planned, the stop comes before the test
-    # (the resumed run only tests, and must still record every train/, val/ and lr- value).
+    # (the resumed run only tests, and must still record every train/ (train/lr too) and val/ value).
     "sigint_last_training_step": (("+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=11"), 130, 12),
     "sigint_during_test": (("+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=12",
                             "+callbacks.stop.during=test"), 130, 12),
@@ -126,7 +126,7 @@ def test_lm_stopped_and_resumed_equals_the_uninterrupted_run(tmp_path, lm_straig
     checkpoint = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
     assert run_until_stopped(tmp_path / "resumed", *LM, f"ckpt_path={checkpoint}") == 0
     assert record(tmp_path / "resumed") == lm_straight
-    assert {"val/bpb", "test/bpb", "train/loss"} <= set(lm_straight) and any(k.startswith("lr-") for k in lm_straight)
+    assert {"val/bpb", "test/bpb", "train/loss"} <= set(lm_straight) and any(k.startswith("train/lr") for k in lm_straight)
 
 
 def test_fsdp_ep_on_two_ranks_writes_once_and_resumes_exactly(tmp_path):
@@ -168,13 +168,13 @@ def test_fsdp_ep_on_two_ranks_writes_once_and_resumes_exactly(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert record(tmp_path / "resumed") == record(straight_dir)
     # SIGINT in the last training step: the resumed run only tests, and records every
-    # train/, val/ and lr- value the stopped run logged, as the uninterrupted one.
+    # train/ (train/lr too) and val/ value the stopped run logged, as the uninterrupted one.
     late = train_cli(tmp_path / "late", *common, "+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=7")
     assert late.returncode == 130, late.stderr[-3000:]
     late_resumed = train_cli(tmp_path / "late_resumed", *common, f"ckpt_path={tmp_path / 'late' / 'checkpoints' / 'last.ckpt'}")
     assert late_resumed.returncode == 0, late_resumed.stderr[-3000:]
     assert record(tmp_path / "late_resumed") == record(straight_dir)
-    assert {"val/acc", "train/loss"} <= set(record(straight_dir)) and any(k.startswith("lr-") for k in record(straight_dir))
+    assert {"val/acc", "train/loss"} <= set(record(straight_dir)) and any(k.startswith("train/lr") for k in record(straight_dir))
     # (Resuming it into other layouts, ep=1 and ep=4, is checked without Lightning in tests/parallel/test_fsdp_ep.py.)
 
 

@@ -90,7 +90,8 @@ def test_summary_orders_jobs_numerically_and_marks_missing_metrics(tmp_path):
         ["2", "8", "", "error", "", "", no_metrics],
         ["10", "16", "1", "ok", "0.5", "1.0", ""],
     ]
-    assert f"| 2 | 8 |  | error: {no_metrics} | — | — |" in markdown
+    # The Markdown shows what a sweep compares (val/, test/); train/loss stays in the CSV.
+    assert f"| 2 | 8 |  | error: {no_metrics} | — |" in markdown and "train/loss" not in markdown
     assert [job["job"] for job in collect_jobs(tmp_path)] == ["2", "10"]
 
 

@@ -65,3 +65,26 @@ def test_the_script_refuses_a_vision_checkpoint_in_one_line(tmp_path, monkeypatc
         runpy.run_path(str(ROOT / "scripts" / "export_hf.py"), run_name="__main__")
     assert ended.value.code == 1
     assert not (tmp_path / "hf").exists()
+
+
+def test_the_export_carries_a_tokenizer_that_round_trips_bytes(tmp_path):
+    """The byte-level LM's export holds a tokenizer: AutoTokenizer loads it, encodes text to its
+    UTF-8 bytes (ids 0..255, as moelab's data did) and decodes them back. The stdlib data's
+    vocabulary (256) has no end-of-text; a byte tokenizer with one (vocabulary 320, as
+    data=hf_text tokenizer=bytes makes) gets end-of-text 256 as eos and pad id."""
+    from moelab.use.export_hf import hf_tokenizer
+
+    checkpoint, _ = random_checkpoint(tmp_path)
+    out = export(str(checkpoint), tmp_path / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = "def f(x):\n    return x ** 2  # é, ∑, 🙂\t"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == list(text.encode("utf-8"))
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.eos_token_id is None and transformers.AutoConfig.from_pretrained(out).eos_token_id is None
+    with_eos = hf_tokenizer({"data": {"_target_": "moelab.data.text.HFTextDataModule",
+                                      "tokenizer": {"kind": "bytes", "name": None}}}, vocab_size=320)
+    with_eos.save_pretrained(tmp_path / "tok")
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert loaded.eos_token_id == loaded.pad_token_id == 256
+    assert loaded(text, add_special_tokens=False)["input_ids"] == list(text.encode("utf-8"))

@@ -120,3 +120,20 @@ def test_foreign_targets_are_found_at_every_depth_and_trusted_ones_pass(monkeypa
     with pytest.raises(ConfigError, match=r"model.parts\[0\].x._target_=os.system \(and 1 more\)"):
         check_targets(config, "test")
     assert sys.modules.get("moelab.moe") is not None  # the check itself imports nothing it names
+
+
+def test_every_target_the_configs_name_is_trusted_in_a_stored_config():
+    """A run's stored config holds the targets of conf/ (not Hydra's own settings): each one a
+    config can name must pass the allow-list, or the run's own checkpoints would be refused."""
+    import re
+
+    from moelab.models.targets import ALLOWED_TARGETS
+
+    from ..conftest import ROOT
+
+    named = set()
+    for path in (ROOT / "conf").rglob("*.yaml"):
+        if path.parent.name in ("hydra", "hparams_search"):
+            continue  # Hydra's settings (sweepers, callbacks): never part of a run's config
+        named |= set(re.findall(r"_target_:\s*([\w.]+)", path.read_text()))
+    assert named and not named - ALLOWED_TARGETS, sorted(named - ALLOWED_TARGETS)

@@ -96,8 +96,9 @@ def test_generate_at_temperature_0_is_the_greedy_loop_and_reports_the_experts(tr
 
 
 def test_generate_cli_takes_the_prompt_verbatim_and_refuses_a_vision_model(trained_lm, trained_vit):
-    result = cli("generate.py", f"ckpt_path={trained_lm / 'checkpoints' / 'last.ckpt'}", "prompt=def  f(x ", "max_new_tokens=3",
-                 "temperature=0")
+    # The checkpoint as the first word (ckpt_path= works too), top_p beside top_k.
+    result = cli("generate.py", str(trained_lm / "checkpoints" / "last.ckpt"), "prompt=def  f(x ", "max_new_tokens=3",
+                 "temperature=0", "top_p=0.9")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("def  f(x ") and "layer 1:" in result.stderr
     assert not (ROOT / ".hydra").exists()  # no run folder in the working directory
@@ -130,5 +131,21 @@ def test_predict_classifies_a_folder_of_pngs_like_the_model_on_the_dataset(tmp_p
         assert record["probability"] == pytest.approx(float(p.max()), abs=2e-3)  # 8-bit pixels vs the float dataset
         assert sorted(record["experts"]) == [1, 3] and all(len(pairs) == 2 for pairs in record["experts"].values())
     assert len(out.getvalue().splitlines()) == 5
+    # out=.csv / .json: the same predictions in a file, one row (record) per image.
+    import csv as csv_module
+
+    for name in ("preds.csv", "preds.json"):
+        main_predict({"ckpt_path": str(trained_vit / "checkpoints" / "last.ckpt"), "images": str(folder),
+                      "top_experts": 2, "out": str(tmp_path / name)}, io.StringIO())
+    rows = list(csv_module.DictReader((tmp_path / "preds.csv").open()))
+    assert [r["class"] for r in rows] == [r["class"] for r in records]
+    assert [float(r["probability"]) for r in rows] == pytest.approx([r["probability"] for r in records], abs=1e-6)
+    assert rows[0]["layer 1 experts"].count(":") == 2  # two experts, e<i>:<share>
+    saved = json.loads((tmp_path / "preds.json").read_text())
+    assert [s["file"] for s in saved] == [r["file"] for r in records]
+    assert [e["expert"] for e in saved[0]["experts"]["1"]] == [e for e, _ in records[0]["experts"][1]]
+    with pytest.raises(ConfigError, match="name a .csv or .json file"):
+        main_predict({"ckpt_path": str(trained_vit / "checkpoints" / "last.ckpt"), "images": str(folder),
+                      "out": str(tmp_path / "preds.txt")})
     with pytest.raises(ConfigError, match="holds no image files"):
         main_predict({"ckpt_path": str(trained_vit / "checkpoints" / "last.ckpt"), "images": str(tmp_path)})

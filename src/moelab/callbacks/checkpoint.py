@@ -11,7 +11,7 @@ import shutil
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import numpy as np
@@ -114,6 +114,8 @@ class LastCheckpoint(Checkpoint):
         self.last_path: Path | None = None  # what this run wrote, for messages
         self.saved_step: int | None = None
         self.signal: int | None = None  # the signal that stopped (or is stopping) the fit
+        # How to resume from a checkpoint, as a command to paste (train.py sets the run's own).
+        self.resume_hint: Callable[[Path], str] = lambda path: f"the same command plus ckpt_path={path}"
         self._stop_requested = False
         self._step_at_batch_start = -1
         self._rng_at_batch_start: dict[str, Any] | None = None
@@ -131,7 +133,7 @@ class LastCheckpoint(Checkpoint):
     def state_dict(self) -> dict[str, Any]:
         """Every rank's random streams (a collective under several ranks: called by every
         rank whenever any checkpoint is dumped), and the run's final metrics so far: a resumed
-        run that logs no `lr-*` or `val/*` before it ends still records the values the
+        run that logs no `train/lr` or `val/*` before it ends still records the values the
         stopped run had logged last, as the uninterrupted run does."""
         mine = rng_state(self._rng_at_batch_start if self._rewind else None)
         if is_distributed() and dist.get_world_size() > 1:
@@ -273,8 +275,8 @@ class LastCheckpoint(Checkpoint):
         finally:
             self._rewind = False
         if self.signal is None and trainer.is_global_zero and self.last_path is not None:
-            log.error("moelab: saved %s (step %d) after %s: resume with the same command plus ckpt_path=%s",
-                      self.last_path, self.saved_step, type(exception).__name__, self.last_path)
+            log.error("moelab: saved %s (step %d) after %s; resume with: %s",
+                      self.last_path, self.saved_step, type(exception).__name__, self.resume_hint(self.last_path))
 
     def _before_step(self, trainer: L.Trainer) -> bool:
         """Inside a training batch whose optimizer step has not been counted yet."""

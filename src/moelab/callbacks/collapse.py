@@ -8,7 +8,12 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from moelab.callbacks.common import check_every_n, is_logging_step, log_scalars, step_statistics
+from moelab.callbacks.common import (
+    check_every_n,
+    is_logging_step,
+    log_scalars,
+    step_statistics,
+)
 from moelab.callbacks.tags import DEAD_EXPERTS, layer_scalar_tag
 from moelab.moe.errors import ConfigError
 
@@ -17,7 +22,9 @@ log = logging.getLogger(__name__)
 
 class ExpertCollapseAlarm(L.Callback):
     """An expert is dead when it gets under `min_fair_share` of its fair share of a layer's
-    routed tokens (fair share = 1/E of them) on `patience` logging steps in a row.
+    routed tokens (fair share = 1/E of them) on `patience` logging steps in a row, counted
+    from the end of the learning-rate warm-up (`task.warmup_steps`: routing moves fastest
+    there, and an expert starved for a few steps then is no collapse).
 
     On every logging step: `moe/layer<i>/dead_experts` (how many are dead now). When an
     expert first becomes dead: a warning naming the layer and experts. With
@@ -65,6 +72,8 @@ class ExpertCollapseAlarm(L.Callback):
         if step == self._last_step or not is_logging_step(trainer, self.every_n_steps):
             return
         self._last_step = step
+        if step < int((getattr(pl_module, "hparams", None) or {}).get("warmup_steps", 0) or 0):
+            return  # the same decision on every rank: no collective is skipped on one only
         scalars: dict[str, float] = {}
         newly_dead: list[str] = []
         for index, layer in step_statistics(trainer, pl_module).items():  # all ranks' tokens
@@ -89,7 +98,7 @@ class ExpertCollapseAlarm(L.Callback):
             rank_zero_warn(
                 f"dead experts at step {step}: {'; '.join(newly_dead)} got under "
                 f"{self.min_fair_share:.0%} of their fair share of tokens on {self.patience} logging steps "
-                "in a row; consider a balance loss (loss=balance), a router z-loss, or a lower learning rate"
+                f"in a row; {_advice(pl_module)}"
             )
         if self.stop_on_collapse:
             # A collective: every rank calls it on the same (logging) steps.
@@ -105,3 +114,15 @@ class ExpertCollapseAlarm(L.Callback):
                 if trainer.is_global_zero:
                     log.error(message)
                 rank_zero_warn(message)
+
+
+def _advice(pl_module: L.LightningModule) -> str:
+    """What to try, given the run's balance loss: add one, or raise the one it has."""
+    from moelab.moe.routed import moe_layers
+
+    weights = [getattr(layer, "aux_loss_weights", {}) or {} for layer in moe_layers(pl_module)]
+    balance = max((w.get("balance", 0.0) for w in weights), default=0.0)
+    if balance > 0:
+        return (f"consider a stronger balance loss (loss.balance={balance:g} now, e.g. {10 * balance:g}), "
+                "a router z-loss, or a lower learning rate")
+    return "consider a balance loss (loss=balance_zloss), a router z-loss, or a lower learning rate"

@@ -11,9 +11,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from moelab.callbacks.common import AlsoOnTest, indexed_moe_layers, layer_order, sum_over_ranks, tensorboard_writers
+from moelab.callbacks.common import (
+    AlsoOnTest,
+    indexed_moe_layers,
+    layer_order,
+    sum_over_ranks,
+)
 from moelab.callbacks.heatmap import column_shares, render_heatmap
 from moelab.callbacks.tags import specialisation_tag
+from moelab.callbacks.writers import view_writers
 from moelab.moe.errors import ConfigError
 
 BYTE_CATEGORIES = ("letters", "digits", "whitespace", "punctuation", "other")
@@ -252,7 +258,7 @@ class ExpertSpecialisation(AlsoOnTest, L.Callback):
         if not trainer.is_global_zero:
             self._reset()
             return
-        writers = tensorboard_writers(trainer)
+        writers = view_writers(trainer)
         step = trainer.global_step
         for tag, payload in self._render():
             for writer in writers:

@@ -11,14 +11,13 @@ from moelab.callbacks.common import (
     AlsoOnTest,
     check_every_n,
     indexed_moe_layers,
-    layer_order,
     is_logging_step,
+    layer_order,
     log_scalars,
     plan_sums,
     statistics_of_sums,
     step_statistics,
     sum_over_ranks,
-    tensorboard_writers,
 )
 from moelab.callbacks.heatmap import render_heatmap
 from moelab.callbacks.tags import (
@@ -28,6 +27,7 @@ from moelab.callbacks.tags import (
     router_prob_share_tag,
     tokens_per_expert_tag,
 )
+from moelab.callbacks.writers import view_writers
 from moelab.moe.routing import Routing
 
 
@@ -44,6 +44,8 @@ def router_prob_share_E(plan: Routing) -> Tensor:
 
 def write_expert_histogram(writer, tag: str, values_E: Tensor, step: int) -> None:
     """A histogram with one bucket per expert (bucket e spans (e-0.5, e+0.5]) holding values_E[e]."""
+    if not hasattr(writer, "add_histogram_raw"):
+        return  # a logger without histograms (MLflow): said once by view_writers
     values_E = values_E.detach().double().cpu()
     experts_E = torch.arange(len(values_E), dtype=torch.float64)
     writer.add_histogram_raw(
@@ -91,7 +93,7 @@ class ExpertUtilisation(AlsoOnTest, L.Callback):
         statistics = step_statistics(trainer, pl_module)  # every rank: one all-reduce
         if not trainer.is_global_zero:
             return
-        writers = tensorboard_writers(trainer)
+        writers = view_writers(trainer)
         scalars: dict[str, float] = {}
         for index, layer in statistics.items():
             scalars.update({layer_scalar_tag(index, name): value for name, value in layer.scalars.items()})
@@ -124,7 +126,7 @@ class ExpertUtilisation(AlsoOnTest, L.Callback):
             flat = sum_over_ranks(torch.cat([self._val_counts[i] for i in indices]), trainer).cpu()
             sizes = [len(self._val_counts[i]) for i in indices]
             self._val_counts = dict(zip(indices, flat.split(sizes)))
-        writers = tensorboard_writers(trainer)
+        writers = view_writers(trainer)
         if writers and self._val_counts:
             image = load_heatmap_image(self._val_counts)
             for writer in writers:

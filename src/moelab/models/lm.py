@@ -215,11 +215,15 @@ class MoELM(nn.Module):
         generator: torch.Generator | None = None,
         max_context: int | None = None,
         on_token: Callable[[Tensor], None] | None = None,
+        top_p: float | None = None,
     ) -> Tensor:
         """Sample `max_new_tokens` continuations (no KV cache: each step re-runs the context,
         cropped to `max_context` tokens). Sampling draws from `generator` (on the CPU), so a
-        fixed generator gives a fixed continuation. `on_token(next_B)` is called after each
-        step, while the MoE layers' `last_plan` still describe that step's forward."""
+        fixed generator gives a fixed continuation. `top_k` keeps the k likeliest tokens;
+        `top_p` (nucleus sampling, Holtzman et al. 2020) the fewest likeliest tokens whose
+        probabilities add up to at least p (after top-k and temperature). `on_token(next_B)`
+        is called after each step, while the MoE layers' `last_plan` still describe that
+        step's forward."""
         tokens = prompt_BL
         for _ in range(max_new_tokens):
             context = tokens if max_context is None else tokens[:, -max_context:]
@@ -231,6 +235,8 @@ class MoELM(nn.Module):
                 if top_k is not None:
                     kth = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
                     logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
+                if top_p is not None:
+                    logits_BV = nucleus(logits_BV, top_p)
                 next_B1 = torch.multinomial(logits_BV.softmax(-1), 1, generator=generator)
             tokens = torch.cat((tokens, next_B1.to(tokens.device)), dim=1)
             if on_token is not None:
@@ -241,3 +247,13 @@ class MoELM(nn.Module):
         """Parameter count; `active=True` counts, for MoE layers, only the share of expert
         weights one token uses (see moelab.moe.layer.active_parameters)."""
         return active_parameters(self) if active else sum(param.numel() for param in self.parameters())
+
+
+def nucleus(logits_BV: Tensor, top_p: float) -> Tensor:
+    """Logits with every token outside the nucleus at −inf: sorted by probability, a token is
+    kept if the tokens before it add up to less than `top_p` (so the likeliest always is)."""
+    probs_BV = logits_BV.softmax(-1)
+    sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+    before_BV = sorted_BV.cumsum(-1) - sorted_BV
+    drop_BV = torch.zeros_like(probs_BV, dtype=torch.bool).scatter(-1, order_BV, before_BV >= top_p)
+    return logits_BV.masked_fill(drop_BV, float("-inf"))

@@ -36,6 +36,8 @@ ALLOWED_TARGETS = frozenset({
     "lightning.pytorch.Trainer", "lightning.pytorch.callbacks.LearningRateMonitor",
     "lightning.pytorch.callbacks.ModelCheckpoint", "lightning.pytorch.callbacks.RichProgressBar",
     "lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.TensorBoardLogger",
+    "moelab.callbacks.writers.TensorBoard", "lightning.pytorch.loggers.WandbLogger",
+    "lightning.pytorch.loggers.MLFlowLogger",
 })
 
 

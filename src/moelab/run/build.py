@@ -9,6 +9,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from moelab.callbacks.progress import progress_callbacks
 from moelab.models.build import build_model
 from moelab.moe.errors import ConfigError, check_num_experts
 from moelab.run import resolvers  # noqa: F401 - the ${moelab.*:} resolvers the configs it builds use
@@ -28,7 +29,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     # which Lightning reloads with weights_only=True), never OmegaConf containers.
     datamodule = instantiate(cfg.data, _convert_="all")
     task = instantiate(cfg.task, model=build_model(cfg), _convert_="all")
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_all(cfg.get("callbacks")), logger=instantiate_all(cfg.get("logger")) or False)
+    callbacks, bar = progress_callbacks(instantiate_all(cfg.get("callbacks")))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_all(cfg.get("logger")) or False,
+                          enable_progress_bar=bar)
     return datamodule, task, trainer
 
 
@@ -79,8 +82,8 @@ def check_devices(accelerator: object, devices: object, num_nodes: object = 1,
         return  # explicit device ids: Lightning names a missing one itself
     if available == 0:
         processes = wanted if wanted and wanted > 1 else None
-        fix = (f"trainer.accelerator=cpu trainer.devices={processes} ({processes} CPU processes, the same strategy)"
-               if processes else "trainer=cpu")
+        fix = (f"trainer.accelerator=cpu trainer.devices={processes} trainer.precision=32-true ({processes} CPU "
+               "processes, the same strategy, fp32: bf16 matmuls are slow on most CPUs)" if processes else "trainer=cpu")
         raise ConfigError(f"trainer.accelerator={accelerator}, but this machine has no GPU: run on the CPU with {fix}")
     if wanted is not None and wanted > available:
         raise ConfigError(f"trainer.devices={wanted} asks for {wanted} GPUs, but this machine has {available}: set "

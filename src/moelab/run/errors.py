@@ -25,7 +25,9 @@ def user_error(exc: BaseException) -> BaseException | None:
     reported in one line, never as a traceback. (Not FileNotFoundError: moelab reports a
     missing input as a ConfigError naming the fix; any other missing file is a fault to show
     in full.)"""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException  # lightning imports torch: late
+    from lightning.fabric.utilities.exceptions import (
+        MisconfigurationException,  # lightning imports torch: late
+    )
 
     while exc is not None:
         if isinstance(exc, (ConfigError, MisconfigurationException)):
@@ -65,6 +67,23 @@ class RunEnded(SystemExit):
         return self.line
 
 
+def to_log_file(line: str) -> None:
+    """Append `line` to the run's log file (Hydra's `train.log`: the root logger's file
+    handlers), so what is printed at the end of a run is in the log too."""
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            try:
+                handler.acquire()
+                handler.stream.write(line + "\n")
+                handler.flush()
+            except (OSError, ValueError, AttributeError):
+                pass  # a closed or unwritable log never hides the line printed
+            finally:
+                handler.release()
+
+
 def say(line: str) -> str:
     """Print one line on stderr in one write (the ranks of a run share the terminal);
     ranks other than 0 say which they are. Returns the line."""
@@ -78,6 +97,7 @@ def say(line: str) -> str:
                 break
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+    to_log_file(line)
     return line
 
 

@@ -6,7 +6,9 @@ to the class."""
 
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import types
 import typing
 from typing import Any, Mapping
@@ -18,6 +20,8 @@ from moelab.moe.errors import ConfigError
 
 CHECKED = {int, float, bool, type(None)}
 GROUPS = ("model", "router", "expert", "data", "task", "trainer")
+# Groups whose every key goes to the class (the model group also holds keys build_model reads).
+KEYS_CHECKED = ("data", "trainer")
 
 
 @functools.cache
@@ -70,6 +74,47 @@ def _what(allowed: set[type]) -> str:
     return " or ".join(kinds) + (" (or null)" if type(None) in allowed else "")
 
 
+@functools.cache
+def _parameters(target: str) -> frozenset[str] | None:
+    """Every keyword `target`'s constructor takes, following `**kwargs` to the base classes;
+    None if some `**kwargs` goes where the names cannot be read (then nothing is refused)."""
+    try:
+        obj = get_object(target)
+    except Exception:  # noqa: BLE001 - instantiate will report an unknown target itself
+        return None
+    names: set[str] = set()
+    for cls in getattr(obj, "__mro__", (obj,)):
+        if cls is object:
+            return None
+        try:
+            parameters = inspect.signature(cls.__init__ if isinstance(cls, type) else cls).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        names.update(p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return frozenset(names - {"self"})
+    return None
+
+
+def suggestion(word: str, options: typing.Iterable[str]) -> str:
+    """"; did you mean X?" for the closest of `options`, or ""."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def check_known_keys(node: Mapping[str, Any], where: str) -> None:
+    """Every key of a `_target_` config is a parameter of its class: `++trainer.max_stepz=5`
+    is one line at composition, not a TypeError from inside the Trainer after start-up."""
+    target = node.get("_target_")
+    known = _parameters(str(target)) if target else None
+    if known is None:
+        return
+    for key in node:
+        if not str(key).startswith("_") and key not in known:
+            name = str(target).rsplit(".", 1)[-1]
+            raise ConfigError(f"{where}.{key} is not a setting of {name}{suggestion(str(key), known)}")
+
+
 def check_node(node: Mapping[str, Any], where: str) -> None:
     """Every setting of one `_target_` config against its class's annotations."""
     target = node.get("_target_")
@@ -92,9 +137,12 @@ def check_setting_types(cfg: DictConfig) -> None:
         node = cfg.get(group)
         if isinstance(node, DictConfig):
             check_node(OmegaConf.to_container(node, resolve=True), group)
+            if group in KEYS_CHECKED:
+                check_known_keys(OmegaConf.to_container(node, resolve=True), group)
     strategy = cfg.get("trainer", {}).get("strategy")
     if isinstance(strategy, DictConfig):
         check_node(OmegaConf.to_container(strategy, resolve=True), "trainer.strategy")
+        check_known_keys(OmegaConf.to_container(strategy, resolve=True), "trainer.strategy")
     for group in ("callbacks", "logger"):
         for name, node in (cfg.get(group) or {}).items():
             if isinstance(node, DictConfig):

@@ -3,7 +3,7 @@ when it ends, and the settings that tell runs apart as TensorBoard hparams."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from moelab.models.placement import is_dense_twin
 
@@ -71,10 +71,12 @@ def summary_line(metrics: Mapping[str, float], best: str | None, last: str | Non
     return "moelab: " + "; ".join(parts)
 
 
-def run_hparams(config: Mapping[str, Any], choices: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The settings that tell MoE runs apart, flat, for TensorBoard's HPARAMS dashboard:
-    router, experts, k, expert kind, every loss weight, model and data (the task's own
-    hyperparameters, lr among them, and the data module's, seed among them, are logged too)."""
+def run_hparams(config: Mapping[str, Any], choices: Mapping[str, Any] | None = None,
+                overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The settings that tell MoE runs apart, flat, for TensorBoard's HPARAMS dashboard, in
+    the order it shows them: router, experts, k, expert kind, the keys set on the command line
+    (a sweep's swept keys among them), every loss weight, model and data (the task's own
+    hyperparameters follow: moelab.tasks.base.hparams_in_order)."""
     choices = choices or {}
     router = config.get("router") or {}
     expert = config.get("expert") or {}
@@ -84,6 +86,14 @@ def run_hparams(config: Mapping[str, Any], choices: Mapping[str, Any] | None = N
         "experts": config.get("experts"),
         "k": router.get("k"),
         "expert": choices.get("expert") or expert.get("activation"),
+    }
+    for override in overrides:  # the command line's keys, as the run resolved them
+        key = override.lstrip("+~").split("=", 1)[0]
+        if "." in key and not key.startswith("hydra.") and key not in params:
+            value = _select(config, key)
+            if isinstance(value, (int, float, str, bool)) or value is None:
+                params[key] = value
+    rest = {
         "expert_activation": expert.get("activation"),
         "granularity": expert.get("granularity", 1),
         "num_shared": expert.get("num_shared", 0),
@@ -93,8 +103,19 @@ def run_hparams(config: Mapping[str, Any], choices: Mapping[str, Any] | None = N
         "data": choices.get("data"),
         "seed": config.get("seed"),
     }
+    for key, value in rest.items():
+        params.setdefault(key, value)
     for name, weight in (config.get("loss") or {}).items():
         params[f"loss/{name}"] = weight
     # TensorBoard's hparams take numbers, strings and booleans: None reads as "none".
     return {key: ("none" if value is None else value if isinstance(value, (int, float, str, bool)) else str(value))
             for key, value in params.items()}
+
+
+def _select(config: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node

@@ -31,7 +31,14 @@ from moelab.run.checkpoints import (
     start_from_teacher,
     start_from_weights,
 )
-from moelab.run.errors import RunEnded, debug_requested, first_line, say, user_error
+from moelab.run.errors import (
+    RunEnded,
+    debug_requested,
+    first_line,
+    say,
+    to_log_file,
+    user_error,
+)
 from moelab.run.folder import RunLock, check_writable, remove_unused_run_folder
 from moelab.run.launch import (
     in_multirun,
@@ -39,6 +46,8 @@ from moelab.run.launch import (
     requeued_checkpoint,
     restored_launcher_env,
 )
+from moelab.run.names import rerun_command
+from moelab.run.quiet import quiet_third_party
 from moelab.run.records import (
     DIVERGED,
     ERROR,
@@ -122,6 +131,7 @@ def run(cfg: DictConfig) -> float | None:
     logged and the next job runs). `MOELAB_DEBUG=1` or `hydra.verbose=true` shows the
     traceback of every error.
     """
+    quiet_third_party(debug_requested())
     run_state = _Run(started=time.monotonic())
     lock = RunLock(Path(cfg.paths.output_dir))
     try:
@@ -168,7 +178,7 @@ def _report(exc: BaseException, run_state: _Run) -> None:
         where = f"at step {trainer.global_step}" if trainer is not None else "before training"
         newest = run_state.newest_checkpoint()
         if newest is not None:
-            then = f"newest checkpoint {newest[0]} ({newest[1]}): resume with the same command plus ckpt_path={newest[0]}"
+            then = f"newest checkpoint {newest[0]} ({newest[1]}); resume with: {rerun_command(ckpt_path=newest[0])}"
         else:
             then = "no checkpoint was written"
         elsewhere = trainer is not None and trainer.world_size > 1 and run_state.last is not None and run_state.last.signal is None
@@ -225,8 +235,11 @@ def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
     run_state.trainer = trainer
     run_state.lr = task.hparams.get("lr")
     run_state.last = next((cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint)), None)
+    if run_state.last is not None:
+        run_state.last.resume_hint = lambda path: rerun_command(ckpt_path=path)
     task.run_config = config  # every checkpoint of the run carries it (moelab.load, eval.py)
-    task.run_hparams = run_hparams(config, choices)
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    task.run_hparams = run_hparams(config, choices, overrides)
     if trainer.is_global_zero:
         log.info("Run folder: %s", run_state.output_dir)
 
@@ -273,6 +286,7 @@ def _fit_and_test(cfg: DictConfig, run_state: _Run) -> float | None:
         line = summary_line(metrics, best, last, str(run_state.output_dir / METRICS_FILE), time.monotonic() - run_state.started,
                             dense_twin=is_dense_twin(cfg.model))
         print(line, flush=True)
+        to_log_file(line)
 
     name = cfg.get("optimized_metric")
     if not name:

@@ -198,16 +198,22 @@ def _plot_jobs(ax, groups: list[Group], scalars: dict[str, dict], tag: str) -> b
             ax.plot(steps, values, color=colours(g % 10), alpha=0.8, lw=1.2, marker="." if len(points) < 30 else None,
                     label=None if labelled else group.label)
             labelled = drawn = True
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     return drawn
 
 
 def write_figures(sweep_dir: Path, groups: list[Group], scalars: dict[str, dict]) -> list[tuple[str, Path]]:
-    """Learning curves (val/* and train/loss) and per-layer routing curves; (title, path) each."""
+    """Learning curves (val/* and train/loss) and per-layer routing curves; (title, path) each.
+    A tag no job logged more than once (a sweep with one validation) has no curve: its value
+    is in the tables."""
     out = sweep_dir / FIGURES
     out.mkdir(exist_ok=True)
     tags = sorted({tag for job_scalars in scalars.values() for tag in job_scalars})
     figures = []
-    curves = [t for t in tags if t.startswith("val/") or t == "train/loss"]
+    curves = [t for t in tags if (t.startswith("val/") or t == "train/loss")
+              and any(len(job_scalars.get(t, ())) > 1 for job_scalars in scalars.values())]
     for tag in curves:
         fig, axes = _figure()
         ax = axes[0][0]

@@ -61,7 +61,8 @@ def markdown_table(header: list[str], rows: list[list[str]], num_override_column
 
 
 def write_summary(sweep_dir: Path, metrics: Sequence[str] | None = None) -> tuple[str, list[dict[str, Any]]]:
-    """Write `summary.csv` and `summary.md` into the sweep folder; return the Markdown and
+    """Write `summary.csv` (every metric, full precision) and `summary.md` (the val/ and test/
+    metrics a sweep compares, or `metrics`) into the sweep folder; return the Markdown and
     the jobs' records."""
     jobs = collect_jobs(sweep_dir)
     header, rows = summary_table(jobs, metrics)
@@ -70,6 +71,9 @@ def write_summary(sweep_dir: Path, metrics: Sequence[str] | None = None) -> tupl
         writer.writerow(header)
         writer.writerows(rows)
     num_override_columns = len({k for job in jobs for k in job["overrides"]})
+    shown = metrics or [name for name in metric_names(jobs, None)
+                        if name.startswith(("val/", "test/")) and "/aux" not in name]
+    header, rows = summary_table(jobs, shown or None)
     markdown = markdown_table(header, rows, num_override_columns)
     (sweep_dir / "summary.md").write_text(f"# Sweep summary: {sweep_dir}\n\n{markdown}")
     return markdown, jobs
@@ -91,6 +95,9 @@ class SweepSummary(Callback):
         self._sweep_dir = Path(str(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from moelab.run.quiet import quiet_third_party
+
+        quiet_third_party(bool(config.hydra.get("verbose")))  # reading the event files: no watcher lines
         sweep_dir = self._sweep_dir or Path(str(config.hydra.sweep.dir))
         if not sweep_dir.is_dir():
             print(f"moelab: no sweep folder at {sweep_dir}: no summary written")

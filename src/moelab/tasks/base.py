@@ -75,6 +75,30 @@ class MoETask(L.LightningModule):
     """The optimizer step whose training metrics were logged last (the progress bar reads
     them once per such step: moelab.callbacks.progress)."""
 
+    def real_rows(self, batch_idx: int, rows: int, stage: str) -> Tensor | None:
+        """Which rows of evaluation batch `batch_idx` are not padding, or None when all are.
+        On more than one rank, Lightning's DistributedSampler makes every rank's share equal by
+        repeating the first items at the end, so a test metric would count them twice; it
+        deals item i to rank i mod w in order (no shuffling for evaluation), so the padded
+        rows are those whose global position r + j·w is past the dataset's end. Worked out on
+        the host from the sampler's numbers: no device read."""
+        from torch.utils.data import DistributedSampler
+
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        loaders = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+        sampler = getattr(loader, "sampler", None)
+        if not isinstance(sampler, DistributedSampler) or sampler.shuffle or sampler.drop_last or not loader.batch_size:
+            return None
+        items, world, rank = len(sampler.dataset), sampler.num_replicas, sampler.rank
+        first = rank + batch_idx * loader.batch_size * world
+        if first + (rows - 1) * world < items:
+            return None  # every row of this batch is a real item
+        keep = [j for j in range(rows) if first + j * world < items]
+        return torch.tensor(keep, dtype=torch.long, device=self.device)
+
     def log_step(self, values: Mapping[str, Any]) -> None:
         """Training metrics of this step, handed to Lightning when a log is due (`log_due`).
         Callers compute values that cost more than the loss only when `log_due()`."""
@@ -121,8 +145,7 @@ class MoETask(L.LightningModule):
 
         if not self.trainer.is_global_zero:
             return
-        params = {**dict(self.hparams), **(self.run_hparams or {})}
-        params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
+        params = hparams_in_order(self.run_hparams or {}, dict(self.hparams))
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 writer = logger.experiment._get_file_writer()
@@ -280,7 +303,8 @@ class MoETask(L.LightningModule):
         self._host_checked = not fused  # only the fused kernel reads `found_inf`
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = warmup_cosine(optimizer, min(hp.warmup_steps, total_steps), total_steps, hp.min_lr_ratio)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # `name`: the learning rate as `train/lr` (`train/lr/pg<i>` per group), beside the losses.
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -290,3 +314,22 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
         blocks = getattr(model.vit, "blocks", None)
     return list(blocks) if blocks is not None else []
 
+
+
+# Task hyperparameters that say how the run computes or reports, not what it is: left out of
+# the HPARAMS table (they are in the run's config).
+NOT_HPARAMS = frozenset({"betas", "compile", "compile_backend", "sample_tokens", "sample_prompt_tokens",
+                         "sample_temperature", "sample_seed", "bytes_per_token", "num_classes", "freeze"})
+
+
+def hparams_in_order(run: Mapping[str, Any], task: Mapping[str, Any]) -> dict[str, Any]:
+    """TensorBoard's HPARAMS columns, in the order its table shows them (it checks the first
+    ones): the run's MoE settings and command-line keys (`run`, moelab.run.summary.run_hparams)
+    first, then the learning rate and the task's other settings, without `NOT_HPARAMS`."""
+    ordered = dict(run)
+    if "lr" in task:
+        ordered.setdefault("lr", task["lr"])
+    for key in sorted(task):
+        if key not in NOT_HPARAMS and key not in ordered and not (key == "freeze" and not task[key]):
+            ordered[key] = task[key]
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in ordered.items()}

@@ -124,8 +124,14 @@ class LanguageModeling(MoETask):
     def on_train_epoch_start(self) -> None:
         self.throughput.restart()
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int) -> None:
         inputs, targets = batch
+        keep = self.real_rows(batch_idx, inputs.shape[0], stage)  # none of the sampler's padding
+        if keep is not None and keep.numel() == 0:
+            self.model(inputs, targets)  # the forward every rank runs (FSDP gathers weights in it), counted nowhere
+            return
+        if keep is not None:
+            inputs, targets = inputs.index_select(0, keep), targets.index_select(0, keep)
         ce = self.model(inputs, targets)  # the mean cross-entropy, head in row chunks
         self.eval_ce[stage].update(ce, weight=targets.numel())
 
@@ -144,7 +150,7 @@ class LanguageModeling(MoETask):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         if batch_idx == 0 and self._sample_prompt is None:
             self._sample_prompt = batch[0][:1, : self.hparams.sample_prompt_tokens].detach().clone()
-        self._evaluate(batch, "val")
+        self._evaluate(batch, "val", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
@@ -153,7 +159,7 @@ class LanguageModeling(MoETask):
             self._log_sample()
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")

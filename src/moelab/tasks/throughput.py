@@ -62,6 +62,7 @@ class Throughput:
         self.start: float | None = None
         self.items = 0
         self.peak: float | None | bool = False  # the device's peak, looked up once (False: not yet)
+        self.latest: dict[str, float] = {}  # the values of the last logging step (the progress lines)
 
     def restart(self) -> None:
         self.start = None
@@ -81,5 +82,6 @@ class Throughput:
         peak = self.peak
         if peak and flops_per_item:
             values["train/mfu"] = rate * flops_per_item / peak  # this rank's rate on this rank's device
+        self.latest = values
         for logger in task.loggers:
             logger.log_metrics(values, step=task.global_step)

@@ -78,9 +78,14 @@ class ImageClassification(MoETask):
     def on_train_epoch_start(self) -> None:
         self.throughput.restart()
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
+        keep = self.real_rows(batch_idx, labels.shape[0], stage)  # none of the sampler's padding
+        if keep is not None:
+            logits, labels = logits.index_select(0, keep), labels.index_select(0, keep)
+            if labels.numel() == 0:
+                return
         self.eval_loss[stage].update(F.cross_entropy(logits, labels), weight=labels.shape[0])
         self.eval_acc[stage].update(logits, labels)
 
@@ -90,13 +95,13 @@ class ImageClassification(MoETask):
         self.log_dict({f"{stage}/loss": self.eval_loss[stage], f"{stage}/acc": self.eval_acc[stage]}, prog_bar=True)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch, "val", batch_idx)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, "test", batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")

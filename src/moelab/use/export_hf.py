@@ -178,8 +178,73 @@ def export(path: str, out_dir: str | Path) -> Path:
     _check_exportable(model)
     transformers = _require_transformers()
     hf_cfg = hf_config(model, config)
+    tokenizer = hf_tokenizer(config, model.vocab_size)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        hf_cfg.eos_token_id = hf_cfg.pad_token_id = hf_cfg.bos_token_id = tokenizer.eos_token_id
     hf_model = transformers.Qwen2MoeForCausalLM(hf_cfg)
     hf_model.load_state_dict(hf_state_dict(model, hf_model))
     out_dir = Path(out_dir)
     hf_model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+def hf_tokenizer(config: Mapping[str, Any], vocab_size: int):
+    """The run's tokenizer as a `transformers` fast tokenizer, with end-of-text as eos and pad
+    ids where the model's vocabulary has it, or None (a tiktoken encoding: transformers has
+    its own copy under the model's name). Bytes: a byte-level BPE with no merges, byte b =
+    id b and end-of-text 256 (not for the stdlib data's 256-id vocabulary, which has none),
+    so `AutoTokenizer.from_pretrained(out_dir)` encodes text to its UTF-8 bytes as moelab did."""
+    from moelab.use.generate import tokenizer_of
+
+    transformers = _require_transformers()
+    try:
+        ours = tokenizer_of(config)
+    except ConfigError:
+        return None
+    if ours.kind == "bytes":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+        from tokenizers.pre_tokenizers import ByteLevel
+
+        alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins of GPT-2's byte-level BPE
+        table = _bytes_to_unicode()
+        assert sorted(alphabet) == sorted(table.values())
+        vocab = {table[b]: b for b in range(256)}
+        core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        core.decoder = decoders.ByteLevel()
+        if vocab_size <= 256:
+            return transformers.PreTrainedTokenizerFast(tokenizer_object=core)
+        core.add_special_tokens([END_OF_TEXT])  # id 256
+        return transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token=END_OF_TEXT,
+                                                    pad_token=END_OF_TEXT, bos_token=END_OF_TEXT)
+    if ours.kind == "hf" and ours.name:
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_file=_tokenizer_file(ours.name))
+        if ours.end_of_text is not None and ours.end_of_text < vocab_size:
+            token = fast.convert_ids_to_tokens(ours.end_of_text)
+            fast.eos_token = fast.pad_token = fast.bos_token = token
+        return fast
+    return None
+
+
+def _tokenizer_file(name: str) -> str:
+    path = Path(name).expanduser()
+    return str(path / "tokenizer.json" if path.is_dir() else path)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from bytes to printable characters (Radford et al. 2019's encoder): the
+    printable Latin-1 bytes stand for themselves, the others for code points from 256 up."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table

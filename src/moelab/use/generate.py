@@ -64,7 +64,7 @@ class ExpertTally:
 
 def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None, seed: int = 0, max_context: int | None = None,
-                  stream: TextIO | None = None) -> tuple[list[int], ExpertTally]:
+                  stream: TextIO | None = None, top_p: float | None = None) -> tuple[list[int], ExpertTally]:
     """Sample `max_new_tokens` after `prompt` (temperature 0: greedy). Streams the text to
     `stream` as it comes; returns the generated ids and the experts they used."""
     if max_new_tokens < 0:
@@ -73,6 +73,8 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_t
         raise ConfigError(f"temperature={temperature} must be >= 0 (0: greedy)")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"top_k={top_k} must be >= 1, or null for the whole vocabulary")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1], or null for no nucleus cut")
     ids = tokenizer.encode_batch([prompt])[0]
     vocab = model.vocab_size
     if not ids:
@@ -91,7 +93,8 @@ def generate_text(model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_t
 
     generator = torch.Generator().manual_seed(seed)
     tokens = model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
-                            top_k=top_k, generator=generator, max_context=max_context, on_token=on_token)
+                            top_k=top_k, generator=generator, max_context=max_context, on_token=on_token,
+                            top_p=top_p)
     printer.flush()
     return tokens[0, len(ids):].tolist(), tally
 
@@ -139,7 +142,8 @@ def main_generate(cfg: Mapping[str, Any], prompt: str, stream: TextIO = sys.stdo
     top_k = cfg.get("top_k")
     max_context = (config.get("data") or {}).get("seq_len")
     ids, tally = generate_text(model, tokenizer, prompt, int(cfg["max_new_tokens"]), float(cfg["temperature"]),
-                               None if top_k is None else int(top_k), int(cfg.get("seed", 0)), max_context, stream)
+                               None if top_k is None else int(top_k), int(cfg.get("seed", 0)), max_context, stream,
+                               None if cfg.get("top_p") is None else float(cfg["top_p"]))
     stream.write("\n")
     say = report or (lambda line: print(line, file=sys.stderr))
     if tally.layers:

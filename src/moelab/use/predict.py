@@ -85,6 +85,9 @@ def main_predict(cfg: Mapping[str, Any], out: TextIO = sys.stdout) -> list[dict[
     transform = getattr(datamodule, "eval_transform", None)
     if transform is None:
         raise ConfigError(f"the run's data ({config['data'].get('_target_')}) has no image transform for new images")
+    out_file = cfg.get("out")
+    if out_file is not None and Path(str(out_file)).suffix.lower() not in (".csv", ".json"):
+        raise ConfigError(f"out={out_file}: name a .csv or .json file")
     files = image_files(str(cfg["images"]))
     images = load_images(files, transform(), int(getattr(datamodule, "in_chans", 3)))
     probs, shares = predict(model, images, int(cfg.get("batch_size", 64)))
@@ -99,4 +102,27 @@ def main_predict(cfg: Mapping[str, Any], out: TextIO = sys.stdout) -> list[dict[
         where = "; ".join(f"layer {i}: " + ", ".join(f"e{e} {s:.0%}" for e, s in pairs) for i, pairs in experts.items())
         out.write(f"{file.name}\t{names[int(label)]}\t{float(prob):.3f}\t{where}\n")
     out.flush()
+    if out_file is not None:
+        write_records(records, Path(str(out_file)).expanduser())
+        sys.stderr.write(f"moelab: wrote {len(records)} predictions to {out_file}\n")
     return records
+
+
+def write_records(records: list[dict[str, Any]], path: Path) -> None:
+    """Predictions as CSV (file, class, probability, then per MoE layer its top experts as
+    `e3:0.41 e1:0.22`) or as JSON (the records as `main_predict` returns them)."""
+    import csv
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps([{**r, "experts": {str(i): [{"expert": e, "share": s} for e, s in pairs]
+                                                      for i, pairs in r["experts"].items()}} for r in records], indent=1))
+        return
+    layers = sorted({i for r in records for i in r["experts"]}, key=str)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "class", "probability", *(f"layer {i} experts" for i in layers)])
+        for r in records:
+            writer.writerow([r["file"], r["class"], f"{r['probability']:.6f}",
+                             *(" ".join(f"e{e}:{s:.4f}" for e, s in r["experts"].get(i, [])) for i in layers)])
