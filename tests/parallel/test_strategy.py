@@ -90,9 +90,9 @@ def test_upcycling_distillation_freezing_and_merging_read_and_write_sharded_chec
     from ..moe.test_merge import run_merge_script
 
     with pytest.MonkeyPatch.context() as patch:
-        run_merge_script(patch, str(upcycled_ckpt), "--to", "2", "--out", str(merged_dir))
+        run_merge_script(patch, str(upcycled_ckpt), "--to", "2", "--method", "neighbour-usage", "--out", str(merged_dir))
     printed = capsys.readouterr().out
-    merged = merged_dir / "merged_usage_E2"
+    merged = merged_dir / "merged_neighbour-usage_E2"
     assert (merged / ".metadata").is_file()
     model = load_model(str(merged), "init_from")
     assert [layer.num_experts for layer in moe_layers(model)] == [2, 2]
@@ -126,24 +126,34 @@ def test_maskmoe_and_attention_heads_under_fsdp_ep_keep_the_one_process_masks(tm
     assert "blocks.0.attn.router" in masked and "blocks.1.ffn.router" in masked
 
 
-def test_two_ranks_log_the_statistics_of_one_process_on_the_concatenated_batch(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks_and_one(tmp_path_factory):
+    """One 2-rank DDP run (batch 16 a rank) and the same run in one process (batch 32), barely
+    trained (lr 1e-6, no aux loss), on an odd test set (271 images): read by the two tests
+    below, which would each need the pair."""
+    folder = tmp_path_factory.mktemp("two_ranks_and_one")
+    common = ("loss=none", "task.lr=1e-6", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+              "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "callbacks.progress=null",
+              "callbacks.expert_specialisation.every_n_epochs=1", "trainer.accelerator=cpu", "trainer.num_sanity_val_steps=0",
+              "data.test_fraction=0.151")
+    two = train_cli(folder / "two", *common, "trainer=ddp", "trainer.devices=2", "data.batch_size=16")
+    assert two.returncode == 0, two.stderr[-3000:]
+    from moelab.run.train import run
+
+    run(compose_config(folder / "one", *common, "data.batch_size=32"))  # one process, in this one
+    return folder
+
+
+def test_two_ranks_log_the_statistics_of_one_process_on_the_concatenated_batch(two_ranks_and_one):
     """Rank r trains on items r, r+2, … of the same permutation, so two ranks with batch 16
     see together the one process's batch of 32; their logged routing must be that batch's."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from moelab.callbacks.tags import LOAD_HEATMAP_TAG, specialisation_tag, tokens_per_expert_tag
 
-    common = ("loss=none", "task.lr=1e-6", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-              "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", "test=false", "callbacks.progress=null",
-              "callbacks.expert_specialisation.every_n_epochs=1", "trainer.accelerator=cpu", "trainer.num_sanity_val_steps=0")
-    two = train_cli(tmp_path / "two", *common, "trainer=ddp", "trainer.devices=2", "data.batch_size=16")
-    assert two.returncode == 0, two.stderr[-3000:]
-    from moelab.run.train import run
-
-    run(compose_config(tmp_path / "one", *common, "data.batch_size=32"))  # one process, in this one
-
     def events(run):
-        accumulator = EventAccumulator(str(tmp_path / run / "tensorboard"), size_guidance={"histograms": 0, "images": 0})
+        accumulator = EventAccumulator(str(two_ranks_and_one / run / "tensorboard"),
+                                       size_guidance={"histograms": 0, "images": 0})
         accumulator.Reload()
         return accumulator
 
@@ -168,20 +178,12 @@ def test_the_strategy_turns_param_dtype_into_fsdp2s_policy():
         FSDPExpertParallelStrategy(param_dtype="int8")
 
 
-def test_two_ranks_test_every_image_once_and_equal_one_process(tmp_path):
+def test_two_ranks_test_every_image_once_and_equal_one_process(two_ranks_and_one):
     """An odd test set (271 images) on 2 ranks: Lightning's sampler pads rank 1 with a repeat
     of image 0; the tasks leave it out, so the test metrics equal one process's over the same
-    (barely trained: lr 1e-12) model. Without that, acc and loss count image 0 twice."""
-    common = ("task.lr=1e-12", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-              "data.test_fraction=0.151", "data.batch_size=32", "callbacks.progress=null", "trainer.accelerator=cpu",
-              "trainer.num_sanity_val_steps=0")
-    two = train_cli(tmp_path / "two", *common, "trainer=ddp", "trainer.devices=2")
-    assert two.returncode == 0, two.stderr[-3000:]
-    from moelab.run.train import run
-
-    run(compose_config(tmp_path / "one", *common))
-    one_metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    two_metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    (barely trained: lr 1e-6, two steps) model. Without that, acc and loss count image 0 twice."""
+    one_metrics = json.loads((two_ranks_and_one / "one" / "metrics.json").read_text())
+    two_metrics = json.loads((two_ranks_and_one / "two" / "metrics.json").read_text())
     data = DigitsDataModule(test_fraction=0.151)
     data.setup()
     assert len(data.splits["test"]) % 2 == 1

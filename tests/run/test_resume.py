@@ -164,14 +164,15 @@ def test_fsdp_ep_on_two_ranks_writes_once_and_resumes_exactly(tmp_path):
     checkpoint = tmp_path / "stopped" / "checkpoints" / "last.ckpt"
     assert checkpoint.is_dir() and record(tmp_path / "stopped")["status"] == "interrupted"
     assert torch.load(checkpoint / "meta.pt", weights_only=True)["global_step"] == 2
-    resumed = train_cli(tmp_path / "resumed", *common, f"ckpt_path={checkpoint}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert record(tmp_path / "resumed") == record(straight_dir)
-    # SIGINT in the last training step: the resumed run only tests, and records every
-    # train/ (train/lr too) and val/ value the stopped run logged, as the uninterrupted one.
-    late = train_cli(tmp_path / "late", *common, "+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=7")
-    assert late.returncode == 130, late.stderr[-3000:]
-    late_resumed = train_cli(tmp_path / "late_resumed", *common, f"ckpt_path={tmp_path / 'late' / 'checkpoints' / 'last.ckpt'}")
+    # Resumed, and stopped again by SIGINT in the last training step: the run resumed from
+    # there only tests, and records every train/ (train/lr too) and val/ value the two earlier
+    # parts logged, equal to the uninterrupted run's (so both resumes were exact).
+    resumed = train_cli(tmp_path / "resumed", *common, f"ckpt_path={checkpoint}",
+                        "+callbacks.stop._target_=tests.stops.SignalAt", "+callbacks.stop.step=7")
+    assert resumed.returncode == 130, resumed.stderr[-3000:]
+    late = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert torch.load(late / "meta.pt", weights_only=True)["global_step"] == 8
+    late_resumed = train_cli(tmp_path / "late_resumed", *common, f"ckpt_path={late}")
     assert late_resumed.returncode == 0, late_resumed.stderr[-3000:]
     assert record(tmp_path / "late_resumed") == record(straight_dir)
     assert {"val/acc", "train/loss"} <= set(record(straight_dir)) and any(k.startswith("train/lr") for k in record(straight_dir))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import multiprocessing.util  # noqa: F401 - its exit hook registered before ours: see end_loader_workers
 import os
 import signal
 from functools import partial
@@ -181,20 +182,36 @@ class TrainingLoader(DataLoader):
         pass
 
 
-def _end_loader_workers() -> None:
-    """At exit, kill the DataLoader workers still alive. They ignore SIGTERM (init_worker),
-    and multiprocessing ends daemon children at exit with SIGTERM and then joins them: a run
-    that stops with an exception while a loader's workers wait (an unreadable image found in
-    validation, say) would hang there. Registered after multiprocessing's own exit hook, so
-    it runs first."""
-    from torch.utils.data._utils.worker import _worker_loop
+def end_loader_workers() -> None:
+    """End the workers of every DataLoader iterator still alive, at once. Called when a run
+    ends with an exception (its loaders are done with, but their iterators live on in the
+    exception's frames), and at exit. Workers ignore SIGTERM (init_worker), and both torch's
+    shutdown of an iterator and multiprocessing's exit hook fall back on SIGTERM and then
+    join: a run that stops while a loader's workers wait (an unreadable image found in
+    validation, say) would hang there. So each worker is killed, after its pid is taken out
+    of torch's SIGCHLD watch (which would otherwise report the kill as a crash), and the
+    iterator marked as shut down. Registered after multiprocessing's own exit hook, so it
+    runs first: that hook is registered when `multiprocessing.util` is first imported, which
+    the first Process does lazily, after this module, unless it is imported above."""
+    import gc
 
-    for process in multiprocessing.active_children():
-        if process.daemon and getattr(process, "_target", None) is _worker_loop:
-            process.kill()
+    from torch.utils.data._utils import signal_handling
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+
+    for iterator in [o for o in gc.get_objects() if issubclass(type(o), _MultiProcessingDataLoaderIter)]:
+        if getattr(iterator, "_shutdown", True):
+            continue
+        if getattr(iterator, "_worker_pids_set", False):
+            signal_handling._remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
+        for worker in getattr(iterator, "_workers", []):
+            if worker.is_alive():
+                worker.kill()
+            worker.join()
+        iterator._shutdown = True
 
 
-atexit.register(_end_loader_workers)
+atexit.register(end_loader_workers)
 
 
 def init_worker(worker_id: int, rank: int = 0) -> None:

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from moelab.callbacks.checkpoint import LastCheckpoint
+from moelab.data.sampling import end_loader_workers
 from moelab.models.placement import is_dense_twin
 from moelab.moe.errors import ConfigError
 from moelab.run import resolvers  # noqa: F401 - registers the ${moelab.*:} resolvers the configs use
@@ -144,6 +145,7 @@ def run(cfg: DictConfig) -> float | None:
         with restored_launcher_env():
             return _fit_and_test(cfg, run_state)
     except BaseException as exc:  # noqa: BLE001 - every ending is recorded, then reported or re-raised
+        end_loader_workers()  # the fit's loaders are done with: their workers would outlive it
         return _report(exc, run_state)
     finally:
         lock.release()
