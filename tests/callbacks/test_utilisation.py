@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import pytest
 import torch
-from functools import partial
 
 from moelab.callbacks.heatmap import heatmap_size
 from moelab.callbacks.tags import (
@@ -31,7 +33,10 @@ BATCH, PATCHES, EXPERTS, K, STEPS, MOE_LAYERS = 16, 16, 8, 2, 4, (1, 3)
 def vit_events(tmp_path_factory):
     """One debug run of the default ViT (top-2, dropless, default callbacks): 4 steps, 2 val batches."""
     out = tmp_path_factory.mktemp("vit")
-    cfg = compose_config(out, "debug=default", f"data.batch_size={BATCH}", "callbacks.progress=null", "test=false")
+    # No warm-up: the collapse alarm judges from its end, and this run is 4 steps long.
+    cfg = compose_config(
+        out, "debug=default", f"data.batch_size={BATCH}", "callbacks.progress=null", "test=false", "task.warmup_steps=0"
+    )
     run(cfg)
     return load_events(out / "tensorboard")
 
@@ -49,6 +54,9 @@ def test_histograms_for_every_moe_layer_sum_to_tokens_times_k(vit_events):
 
 
 def test_scalars_for_every_moe_layer(vit_events):
+    """Every scalar is written for every layer, and the load scalars of each step are those of
+    that step's tokens-per-expert histogram, worked out here (max and min over the mean, the
+    population CV); dropless top-2 drops nothing and the router entropy lies in (0, ln E]."""
     scalars = set(vit_events.Tags()["scalars"])
     for layer in MOE_LAYERS:
         expected = [layer_scalar_tag(layer, name) for name in (*UTILISATION_SCALARS, DEAD_EXPERTS)]
@@ -56,7 +64,17 @@ def test_scalars_for_every_moe_layer(vit_events):
         assert set(expected) <= scalars, set(expected) - scalars
         assert all(e.value == 0.0 for e in vit_events.Scalars(layer_scalar_tag(layer, "dropped_fraction")))
         assert all(e.value == 0.0 for e in vit_events.Scalars(layer_scalar_tag(layer, DEAD_EXPERTS)))
-        assert all(e.value >= 1.0 for e in vit_events.Scalars(layer_scalar_tag(layer, "load_max_over_mean")))
+        assert all(0.0 < e.value <= math.log(EXPERTS) + 1e-6
+                   for e in vit_events.Scalars(layer_scalar_tag(layer, "router_entropy")))
+        load = {name: {e.step: e.value for e in vit_events.Scalars(layer_scalar_tag(layer, name))}
+                for name in ("load_max_over_mean", "load_min_over_mean", "load_cv")}
+        for event in vit_events.Histograms(tokens_per_expert_tag(layer)):
+            counts = list(event.histogram_value.bucket)
+            mean = sum(counts) / len(counts)
+            cv = (sum((c - mean) ** 2 for c in counts) / len(counts)) ** 0.5 / mean
+            assert load["load_max_over_mean"][event.step] == pytest.approx(max(counts) / mean, rel=1e-6)
+            assert load["load_min_over_mean"][event.step] == pytest.approx(min(counts) / mean, rel=1e-6)
+            assert load["load_cv"][event.step] == pytest.approx(cv, rel=1e-5)
 
 
 def test_heatmap_images_have_the_expected_size(vit_events):
@@ -92,22 +110,72 @@ def test_bad_schedule_is_a_config_error():
         ExpertUtilisation(every_n_steps=0)
 
 
-def test_statistics_exist_for_every_router_kind():
-    """Every router's plan yields the utilisation numbers (Soft MoE has no router logits, so no router_z)."""
-    import torch
+def tokens_per_expert_by_hand(plan) -> list[float]:
+    """Tokens each expert processed, from what the plan says about each token or slot: a
+    token-choice token's kept choices, counted one by one; an expert-choice row that is real;
+    a Soft MoE slot (one row each); for SMEAR, the merge weights of the groups (sequences,
+    segments or tokens), each counted once per token of its group."""
+    num_experts = plan.num_experts
+    counts = [0.0] * num_experts
+    merge_GE = getattr(plan, "merge_GE", None)
+    if merge_GE is not None:
+        tokens_per_group = plan.num_tokens // merge_GE.shape[0]
+        for weights in merge_GE.tolist():
+            for e, w in enumerate(weights):
+                counts[e] += w * tokens_per_group
+    elif plan.selected_experts_TK is not None:
+        kept = plan.kept_TK
+        for t, choices in enumerate(plan.selected_experts_TK.tolist()):
+            for k, e in enumerate(choices):
+                counts[e] += 1.0 if kept is None or bool(kept[t, k]) else 0.0
+    elif hasattr(plan, "dispatch_BMS"):
+        sequences, slots = plan.dispatch_BMS.shape[0], plan.dispatch_BMS.shape[2]
+        for slot in range(slots):
+            counts[slot // (slots // num_experts)] += sequences
+    else:
+        valid = [True] * plan.token_index_N.numel() if plan.valid_N is None else plan.valid_N.tolist()
+        for e, real in zip(plan.expert_index_N().tolist(), valid):
+            counts[e] += float(real)
+    return counts
+
+
+def every_router_layer(path, experts: int = 4):
+    """An MoE layer of conf/router/<path>'s router with its defaults, after one forward."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from moelab.callbacks.utilisation import router_prob_share_E, utilisation_scalars
     from moelab.moe import GroupedExperts, MoELayer
+
+    router = instantiate(OmegaConf.load(path))
+    layer = MoELayer(16, 32, router, partial(GroupedExperts, num_experts=experts), layer_index=0,
+                     router_facts={"vocab_size": 100})
+    layer(torch.randn(2, 8, 16), token_ids=torch.randint(0, 100, (2, 8)))
+    return layer
+
+
+def test_statistics_exist_for_every_router_kind():
+    """Every router's plan yields the utilisation numbers, and they are the numbers worked out
+    here: load max/min over mean and CV from tokens per expert counted by hand, the router
+    entropy as −Σ p log p by hand (rows renormalised), the probability share summing to 1.
+    Soft MoE has no router logits, so no router_z."""
+    from moelab.callbacks.utilisation import router_prob_share_E
 
     from ..conftest import CONF
 
     for path in sorted((CONF / "router").glob("*.yaml")):
-        router = instantiate(OmegaConf.load(path))
-        layer = MoELayer(16, 32, router, partial(GroupedExperts, num_experts=4), router_facts={"vocab_size": 100})
-        layer(torch.randn(2, 8, 16), token_ids=torch.randint(0, 100, (2, 8)))
-        scalars = utilisation_scalars(layer.last_plan)
+        plan = every_router_layer(path).last_plan
+        scalars = utilisation_scalars(plan)
         assert all(value == value for value in scalars.values()), path.stem  # no NaN
         assert ("router_z" in scalars) == (path.stem != "soft")
-        torch.testing.assert_close(router_prob_share_E(layer.last_plan).sum().item(), 1.0)
+        torch.testing.assert_close(router_prob_share_E(plan).sum().item(), 1.0)
+        counts = tokens_per_expert_by_hand(plan)
+        mean = sum(counts) / len(counts)
+        cv = (sum((c - mean) ** 2 for c in counts) / len(counts)) ** 0.5 / mean
+        assert scalars["load_max_over_mean"] == pytest.approx(max(counts) / mean, rel=1e-5), path.stem
+        assert scalars["load_min_over_mean"] == pytest.approx(min(counts) / mean, rel=1e-5, abs=1e-9), path.stem
+        assert scalars["load_cv"] == pytest.approx(cv, rel=1e-4, abs=1e-6), path.stem
+        entropy = 0.0
+        for row in plan.router_probs_TE.tolist():
+            total = sum(row)
+            entropy -= sum(p / total * math.log(p / total) for p in row if p > 0)
+        assert scalars["router_entropy"] == pytest.approx(entropy / plan.num_tokens, rel=1e-5, abs=1e-7), path.stem

@@ -103,6 +103,10 @@ def test_hf_text_prepares_local_text_files_with_bytes_on_its_first_run(tmp_path)
 
 
 def test_an_interrupted_preparation_resumes_to_the_same_files(tmp_path):
+    """Cut off while reading the 58th training document (7 batches of 8 written), the
+    preparation resumes: the rerun encodes only the 44 training documents not yet written
+    (counted here by wrapping the encoder), not all 100 again, and ends with the files of an
+    uninterrupted run."""
     tokenizer = make_tokenizer("bytes")
     docs = [f"document {i}: " + "x" * (i % 17) for i in range(100)]
 
@@ -115,14 +119,23 @@ def test_an_interrupted_preparation_resumes_to_the_same_files(tmp_path):
                 raise Interrupted
             yield item
 
+    encoded: list[str] = []
+
+    def counting_encode(texts):
+        encoded.extend(texts)
+        return tokenizer.encode_batch(texts)
+
     whole = write_token_files({"train": docs, "val": docs[:10], "test": docs[:5]}, tokenizer.encode_batch,
                               tmp_path / "whole", 320, tokenizer.end_of_text, chunk_docs=8)
     with pytest.raises(Interrupted):
-        write_token_files({"train": breaking(docs), "val": docs[:10], "test": docs[:5]}, tokenizer.encode_batch,
+        write_token_files({"train": breaking(docs), "val": docs[:10], "test": docs[:5]}, counting_encode,
                           tmp_path / "cut", 320, tokenizer.end_of_text, chunk_docs=8)
+    assert encoded == docs[:56]  # 7 whole batches; the 57th document was read but not yet written
     assert (tmp_path / "cut" / "train.bin.tmp").exists() and not (tmp_path / "cut" / "train.bin").exists()
-    resumed = write_token_files({"train": docs, "val": docs[:10], "test": docs[:5]}, tokenizer.encode_batch,
+    encoded.clear()
+    resumed = write_token_files({"train": docs, "val": docs[:10], "test": docs[:5]}, counting_encode,
                                 tmp_path / "cut", 320, tokenizer.end_of_text, chunk_docs=8)
+    assert encoded == docs[56:] + docs[:10] + docs[:5]  # the rest of train, then val and test whole
     assert resumed == whole
     for split in ("train", "val", "test"):
         assert (tmp_path / "cut" / f"{split}.bin").read_bytes() == (tmp_path / "whole" / f"{split}.bin").read_bytes()

@@ -61,6 +61,12 @@ def test_cifar10_trains_with_the_default_model_and_mixup(tmp_path):
     run(cfg)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["step"] == 3 and math.isfinite(metrics["train/ce"])
+    # Mixup/CutMix reached the training batches: soft targets over the 10 classes that mix two
+    # classes (label smoothing 0.1 alone would give only 0.91 and 0.01).
+    _, labels = next(iter(_loader(cfg)))
+    assert labels.shape == (8, 10) and torch.allclose(labels.sum(-1), torch.ones(8))
+    smoothed_only = torch.isclose(labels, torch.tensor(0.91)) | torch.isclose(labels, torch.tensor(0.01))
+    assert not bool(smoothed_only.all())
 
 
 def test_cifar100_and_a_vit_preset_build_from_the_data(tmp_path):
@@ -155,6 +161,11 @@ def test_an_unreadable_image_is_named_in_one_line_from_any_loader_process(tmp_pa
                                          "data.image_size=32", *FAST_IMAGES, f"data.num_workers={workers}",
                                          "data.batch_size=4", "data.eval_batch_size=16"))
     assert f"{bad} is not a readable image (OSError" in line and "data.skip_bad_images=true" in line
+    # The loaders' workers (which ignore SIGTERM) are gone with the run: left waiting, they
+    # made the process hang at exit in multiprocessing's join.
+    import multiprocessing
+
+    assert not [p for p in multiprocessing.active_children() if p.daemon]
 
 
 def test_skip_bad_images_replaces_them_and_names_each_once(tmp_path):

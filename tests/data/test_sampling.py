@@ -51,3 +51,23 @@ def test_loaders_never_draw_from_the_global_rng():
         for _ in loader:
             pass
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_restored_position_starts_the_training_loader_at_the_next_batch():
+    """A datamodule given the checkpointed position (epoch 1, 3 batches done) builds a
+    training loader whose first batch is batch 4 of epoch 1 of an uninterrupted run, and
+    which then goes on as that epoch did."""
+    data = DigitsDataModule(batch_size=32)
+    data.setup()
+    loader = data.train_dataloader()
+    loader.sampler.set_epoch(1)
+    whole = list(loader)
+    resumed = DigitsDataModule(batch_size=32)
+    resumed.setup()
+    resumed.load_state_dict({"epoch": 1, "batches_done": 3})
+    loader = resumed.train_dataloader()
+    loader.sampler.set_epoch(1)  # as Lightning does at the epoch's start
+    rest = list(loader)
+    assert len(rest) == len(whole) - 3
+    for (images, labels), (want_images, want_labels) in zip(rest, whole[3:]):
+        assert torch.equal(labels, want_labels) and torch.equal(images, want_images)

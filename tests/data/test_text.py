@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -57,6 +58,16 @@ def test_max_bytes_caps_the_text_read(fake_stdlib):
     one_file = max(p.stat().st_size for p in fake_stdlib.rglob("mod*.py"))
     for split, share in (("train", 0.8), ("val", 0.1), ("test", 0.1)):
         assert share * 5000 <= len(module.tokens[split]) < share * 5000 + one_file, split
+
+
+def test_token_counts_count_each_splits_own_bytes(fake_stdlib):
+    """token_counts(split), what MaskMoE and frequency-balanced hash routing are fitted on:
+    how often each byte occurs in that split's files, counted here from the files."""
+    module = windows_module(fake_stdlib)
+    for split, names in module.files.items():
+        counted = Counter(b for name in names for b in (fake_stdlib / name).read_bytes())
+        assert module.token_counts(split).tolist() == [counted[i] for i in range(256)], split
+    assert module.token_counts("train").tolist() != module.token_counts("val").tolist()
 
 
 def test_eval_windows_tile_the_stream_and_targets_are_shifted_inputs(fake_stdlib):

@@ -25,6 +25,10 @@ LM_ROUTERS = ["aux_free", "cosine", "dense", "hash", "noisy_topk", "topk"]
 
 @pytest.mark.parametrize("name", sorted(ROUTERS))
 def test_router_math_stays_fp32_and_experts_get_bf16(name, monkeypatch):
+    """Under autocast the router's logits and probabilities are those of the same layer run
+    in fp32 (the same noise and random draws), to fp32 rounding: its math never goes through
+    bf16, which would move them by ~1e-4 (a dtype check alone passes a bf16 matmul cast back
+    to fp32). The grouped matmuls get bf16 operands."""
     torch.manual_seed(0)
     fine = name == "topk_fine_shared"
     experts = partial(GroupedExperts, num_experts=8, granularity=2 if fine else 1, num_shared=1 if fine else 0)
@@ -38,10 +42,19 @@ def test_router_math_stays_fp32_and_experts_get_bf16(name, monkeypatch):
 
     monkeypatch.setattr(torch, "_grouped_mm", spy)
     x = torch.randn(2, 8, 32, requires_grad=True)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        layer(x)
+    fp32_plan = layer.last_plan
+    seen.clear()
+    torch.manual_seed(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     plan = layer.last_plan
     assert plan.router_probs_TE.dtype == torch.float32, name
+    torch.testing.assert_close(plan.router_probs_TE, fp32_plan.router_probs_TE, atol=1e-6, rtol=0, msg=name)
+    if hasattr(plan, "router_logits_TE"):
+        torch.testing.assert_close(plan.router_logits_TE, fp32_plan.router_logits_TE, atol=1e-6, rtol=0, msg=name)
     assert seen and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in seen), (name, seen)
     (y.float().sum() + layer.aux_loss).backward()
     assert torch.isfinite(y.float()).all() and torch.isfinite(x.grad).all()

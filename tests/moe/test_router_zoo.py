@@ -342,9 +342,21 @@ def test_aux_free_counts_load_before_capacity_drops():
     assert router.load_since_update_E.tolist() == [32.0, 32.0, 0.0, 0.0]
 
 
-def test_combine_accumulates_in_fp32():
-    router = DenseRouter(d_model=8, num_experts=8)
-    plan = router(torch.randn(4, 8))
-    y = torch.full((32, 8), 1 / 3, dtype=torch.bfloat16)  # eight bf16 rows per token
-    exact = (plan.combine_weight_N.float()[:, None] * y.float()).reshape(8, 4, 8).sum(0)
-    torch.testing.assert_close(plan.combine(y).float(), exact, atol=4e-3, rtol=0)
+def test_combine_accumulates_in_fp32(monkeypatch):
+    """The generic combine (index_add; every plan on the CPU, expert choice everywhere) sums a
+    token's bf16 rows in fp32 and rounds once: each output is the float64 sum, worked out
+    here, rounded to bf16 (half a bf16 spacing, plus fp32's own error). 64 rows a token with
+    mixed signs: summed in bf16 instead, about half the outputs miss by many spacings."""
+    from moelab.moe import routing
+
+    monkeypatch.setattr(routing, "GATHER_ROWS", False)
+    tokens, experts, width = 32, 64, 16
+    plan = DenseRouter(d_model=8, num_experts=experts)(torch.randn(tokens, 8))
+    y = torch.randn(tokens * experts, width).to(torch.bfloat16)
+    terms = plan.combine_weight_N.double()[:, None] * y.double()
+    exact = torch.zeros(tokens, width, dtype=torch.float64).index_add_(0, plan.token_index_N, terms)
+    magnitude = torch.zeros(tokens, width, dtype=torch.float64).index_add_(0, plan.token_index_N, terms.abs())
+    spacing = torch.exp2(torch.floor(torch.log2(exact.abs())) - 7)  # between bf16 numbers near |exact|
+    out = plan.combine(y)
+    assert out.dtype == torch.bfloat16
+    assert bool(((out.double() - exact).abs() <= 0.5 * spacing + 1e-6 * magnitude).all())

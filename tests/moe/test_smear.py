@@ -25,21 +25,32 @@ def layer(per: str, activation: str, bias: bool = True, experts: int = 4, segmen
                     partial(GroupedExperts, num_experts=experts, activation=activation, bias=bias), {"zloss": 1e-3})
 
 
-def merged_ffn_by_definition(moe: MoELayer, x_BLD: torch.Tensor, per: str, segment_length: int = 2) -> torch.Tensor:
-    """p from the gate (the sequence's mean input, the token's own, or the mean of the
-    segment before the token's, even for the first segment), every parameter merged as
-    Σ_i p_i θ_i, then the FFN with those parameters, token by token."""
-    e, gate = moe.experts, moe.router.gate.weight
-    out = torch.zeros_like(x_BLD)
+def merge_weights_by_definition(moe: MoELayer, x_BLD: torch.Tensor, per: str, segment_length: int = 2) -> torch.Tensor:
+    """p of every token's FFN, (B, L, E), from the gate: on the sequence's mean input, the
+    token's own, or the mean of the segment before the token's (even for the first segment)."""
+    gate = moe.router.gate.weight
+    p_BLE = torch.zeros(*x_BLD.shape[:2], gate.shape[0])
     for b in range(x_BLD.shape[0]):
         for t in range(x_BLD.shape[1]):
             if per == "segment":
                 start = (t // segment_length - 1) * segment_length
-                p = (torch.full((gate.shape[0],), 1.0 / gate.shape[0]) if start < 0 else
-                     torch.softmax(x_BLD[b, start:start + segment_length].mean(0) @ gate.T, dim=-1))
+                p_BLE[b, t] = (torch.full((gate.shape[0],), 1.0 / gate.shape[0]) if start < 0 else
+                               torch.softmax(x_BLD[b, start:start + segment_length].mean(0) @ gate.T, dim=-1))
             else:
                 source = x_BLD[b].mean(0) if per == "sequence" else x_BLD[b, t]
-                p = torch.softmax(source @ gate.T, dim=-1)
+                p_BLE[b, t] = torch.softmax(source @ gate.T, dim=-1)
+    return p_BLE
+
+
+def merged_ffn_by_definition(moe: MoELayer, x_BLD: torch.Tensor, per: str, segment_length: int = 2) -> torch.Tensor:
+    """Every parameter merged as Σ_i p_i θ_i with the token's p (merge_weights_by_definition),
+    then the FFN with those parameters, token by token."""
+    e = moe.experts
+    p_BLE = merge_weights_by_definition(moe, x_BLD, per, segment_length)
+    out = torch.zeros_like(x_BLD)
+    for b in range(x_BLD.shape[0]):
+        for t in range(x_BLD.shape[1]):
+            p = p_BLE[b, t]
             merged = {name: torch.einsum("e,e...->...", p, w) for name, w in e.expert_weights().items()}
             h = x_BLD[b, t] @ merged["w1_EDF"] + merged.get("b1_EF", 0)
             if e.activation == "gelu":
@@ -67,8 +78,12 @@ def test_the_layer_is_the_ffn_of_merged_parameters_and_its_gradients_match(per, 
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     assert grads[1].abs().sum() > 0  # the router learns through the merge
     assert all(bool((g.flatten(1).abs().sum(1) > 0).all()) for g in grads[2:])  # every expert gets a gradient
+    # Each expert's soft count: its merge weight summed over the tokens its merged FFNs ran
+    # on, which is what the utilisation views and the collapse alarm read.
     plan = moe.last_plan
-    assert plan.tokens_per_expert_E.sum().item() == pytest.approx(x.shape[0] * x.shape[1])  # soft counts: one token's worth each
+    soft_counts = merge_weights_by_definition(moe, x_ref.detach(), per).sum((0, 1))
+    torch.testing.assert_close(plan.tokens_per_expert_E, soft_counts, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(plan.stats()["tokens_per_expert"], soft_counts, atol=1e-5, rtol=1e-5)
     assert moe.aux_losses == {} or set(moe.aux_losses) == {"zloss"}
 
 

@@ -76,6 +76,25 @@ def test_cli_run_writes_metrics_config_checkpoint_and_histograms(tmp_path):
     assert start.hparams["k"].number_value == 2 and start.hparams["loss/balance"].number_value == 0.01
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert [m.name.tag for m in experiment.metric_infos] == ["val/acc", "val/loss", "test/acc", "test/loss"]
+    # The HPARAMS table's columns in order: the MoE settings, then the command line's keys,
+    # the learning rate before the other task settings, optimiser internals left out.
+    columns = [h.name for h in experiment.hparam_infos]
+    assert columns[:4] == ["router", "experts", "k", "expert"], columns
+    assert columns.index("callbacks.expert_utilisation.every_n_steps") < columns.index("lr") < columns.index("weight_decay")
+    assert "betas" not in columns and "compile_backend" not in columns
+    # The time-series page sorts tags: the epoch count is `trainer/epoch`, the lr `train/lr`.
+    scalars = events.Tags()["scalars"]
+    assert "epoch" not in scalars and "trainer/epoch" in scalars and "train/lr/pg1" in scalars, scalars
+    # No terminal here: a plain line per logging step (3 steps, log_every_n_steps=1) and one per
+    # validation, on the console and in train.log, which ends with the summary line.
+    steps = [line for line in result.stdout.splitlines() if "moelab: step " in line]
+    assert [line.split("moelab: step ")[1].split(" ")[0] for line in steps] == ["1/3", "2/3", "3/3"], steps
+    assert all("train/loss" in line and "ms/step" in line and " lr " in line for line in steps), steps
+    assert "images/s" in steps[-1]
+    log_file = (run_dir / "train.log").read_text()
+    assert [line for line in log_file.splitlines() if "moelab: step " in line] == steps
+    assert "moelab: validation after step 3 (epoch 0) | val/acc" in log_file
+    assert log_file.rstrip().splitlines()[-1] == summary[0]
 
 
 def test_bad_config_is_one_line_without_traceback_or_run_folder(tmp_path):
@@ -165,8 +184,23 @@ def test_the_dense_twin_says_so_in_the_config_tree_and_the_summary_line(tmp_path
 
 
 def test_a_negative_entropy_weight_is_allowed_since_its_sign_picks_the_direction(tmp_path):
-    run(compose_config(tmp_path, *FAST, "+loss.entropy=-1e-3"))
-    assert strict_json(tmp_path / "metrics.json")["status"] == "ok"
+    """The run ends ok and the weight reaches the loss with its sign: the last step's
+    train/loss is train/ce plus, for each MoE layer, Σ weight × unweighted loss, worked out
+    here from the logged train/aux/<name> (means over the layers) with entropy's −1e-3. With
+    the weight's absolute value the loss would be 4e-3 × the entropy larger."""
+    from moelab.models.build import build_model
+    from moelab.moe.routed import moe_layers
+
+    cfg = compose_config(tmp_path, *FAST, "+loss.entropy=-1e-3")
+    run(cfg)
+    metrics = strict_json(tmp_path / "metrics.json")
+    assert metrics["status"] == "ok"
+    layers = len(moe_layers(build_model(cfg)))
+    weights = {"balance": 0.01, "zloss": 0.001, "entropy": -1e-3}
+    assert dict(cfg.loss) == weights and layers == 2
+    aux = sum(weight * metrics[f"train/aux/{name}"] for name, weight in weights.items())
+    assert metrics["train/aux/entropy"] > 1.0  # near ln 8 at the start: the term is not negligible
+    assert metrics["train/loss"] == pytest.approx(metrics["train/ce"] + layers * aux, abs=1e-5)
 
 
 def test_debug_switch_keeps_the_traceback(tmp_path, monkeypatch):

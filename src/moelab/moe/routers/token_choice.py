@@ -403,7 +403,7 @@ class CosineRouter(TokenChoiceRouter):
     def forward(self, x_TD: Tensor, context: RoutingContext | None = None) -> Routing:
         projected_TR = F.normalize(router_logits(x_TD, self.project.weight), dim=-1)
         experts_ER = F.normalize(self.expert_embeddings.float(), dim=-1)
-        logits_TE, allowed_TE = self.masked(projected_TR @ experts_ER.t() / self.temperature, context)
+        logits_TE, allowed_TE = self.masked(router_logits(projected_TR, experts_ER) / self.temperature, context)
         probs_TE = logits_TE.softmax(-1)
         return self.plan(logits_TE, probs_TE, probs_TE, probs_TE, context, allowed_TE=allowed_TE)
 
