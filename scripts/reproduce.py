@@ -2,7 +2,7 @@
 
     python scripts/reproduce.py                          # the default set, results in docs/results.md
     python scripts/reproduce.py --study upcycling        # a study outside the default set
-    python scripts/reproduce.py --study capacity zloss   # some studies (the page keeps the others)
+    python scripts/reproduce.py --study capacity zloss   # some studies (the page keeps those already in outputs/reproduce/)
     python scripts/reproduce.py --seeds 5                # more seeds per setting
     python scripts/reproduce.py --quick                  # every study end to end in minutes (a smoke run)
 

@@ -98,7 +98,7 @@ STUDIES = [
         extra=partial(verdict_routers, against_topk=("expert_choice", "soft", "hash")),
     ),
     Study(
-        "noisy_topk", "Why noisy top-k trails (ViT)",
+        "noisy_topk", "Noisy top-k with its own losses (ViT)",
         "Noisy top-k with its own importance and load losses trains as well as top-k (Shazeer et al. 2017).",
         [Sweep("losses", ["router=noisy_topk"], {"loss": ["balance_zloss", "importance_load", "none"]}),
          Sweep("topk", ["router=topk"], {"loss": ["balance_zloss"]})],
@@ -108,9 +108,11 @@ STUDIES = [
         "soft_moe_tokens", "Soft MoE vs top-k at equal FLOPs, with more tokens per image (ViT, patch size 1)",
         "Soft MoE beats token-choice routers at equal compute when a sequence has many tokens "
         "(Puigcerver et al. 2023); the default ViT has only 16 patches. At 64 tokens per image and 8 "
-        "experts as wide as the dense MLP, 8 slots per expert (64 slots) cost the dense MLP's FLOPs, "
-        "as top-2 of half-width experts does; 1 slot per expert costs a fraction of them (its FLOP "
-        "column says how much) and is shown as the paper's cheaper setting, not at equal compute.",
+        "experts as wide as the dense MLP, 8 slots per expert (64 slots) run the experts on as many "
+        "slots as there are tokens: the dense MLP's FLOPs in the experts, as top-2 of half-width "
+        "experts; Soft MoE's dispatch and combine come on top (the FLOP column counts them, and at "
+        "this small width they are a third of an MLP). 1 slot per expert costs less than the MLP and "
+        "is shown as the paper's cheaper setting, not at equal compute.",
         [Sweep("soft", [*PATCH1, "router=soft"], {"router.slots_per_expert": ["1", "8"]}),
          Sweep("topk", [*PATCH1, "router=topk"]),
          Sweep("dense", [*PATCH1, "model.moe_every=0"])],

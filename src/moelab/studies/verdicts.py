@@ -105,7 +105,8 @@ def verdict_soft(c: Context) -> list[str]:
     parts = [f"soft, {p} slot(s) per expert: {fmt(v)}" for p, v in soft.items()]
     equal = indices[list(soft).index("8")] if "8" in soft else None
     held = ("" if equal is None else
-            f"At equal FLOPs (8 slots per expert) the claim {'holds' if tests.holds(equal, +1) else 'does not hold'} here.")
+            f"With the experts at equal FLOPs (8 slots per expert; its FLOP column adds Soft MoE's dispatch "
+            f"and combine) the claim {'holds' if tests.holds(equal, +1) else 'does not hold'} here.")
     return ["**Measured** at 64 tokens per image: " + "; ".join(parts) + f"; topk {fmt(topk)}; dense twin {fmt(dense)}.",
             "", *(f"- {tests.text(i)}" for i in indices), "", held, ""]
 
